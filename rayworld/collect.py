@@ -1,0 +1,246 @@
+"""Stage 1, collect: Ray actors run episodes in headless envs and write one Parquet shard each.
+
+Episode i always uses env seed `collect.seed + i` and the same policy seed, so a re-run that
+redoes an episode reproduces it. A re-run into the same run directory checks every shard,
+replaces corrupt ones, and collects only the missing episodes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from rayworld.config import Config
+from rayworld.data import Manifest, ShardError, open_shard, shard_name, write_episode
+
+EPISODES_DIR = "episodes"
+
+
+# ---------------------------------------------------------------- policies
+
+class RandomPolicy:
+    """Uniform random actions from the action space."""
+
+    def __init__(self, space, rng: np.random.Generator):
+        self.space, self.rng = space, rng
+
+    def __call__(self, obs):
+        if hasattr(self.space, "n"):
+            return int(self.rng.integers(self.space.n))
+        return self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
+
+
+class BrownianPolicy:
+    """A temporally correlated random walk in action space (smooth, so the car actually moves).
+
+    Discrete spaces repeat the last action with a probability that plays the same role.
+    """
+
+    def __init__(self, space, rng: np.random.Generator, sigma: float, dt: float = 1 / 50):
+        self.space, self.rng, self.sigma, self.dt = space, rng, sigma, dt
+        self.action = None
+
+    def __call__(self, obs):
+        if hasattr(self.space, "n"):
+            if self.action is None or self.rng.random() > 0.9:
+                self.action = int(self.rng.integers(self.space.n))
+            return self.action
+        low, high = self.space.low, self.space.high
+        if self.action is None:
+            self.action = self.rng.uniform(low, high)
+        else:
+            step = self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(len(low))
+            self.action = np.clip(self.action + step * (high - low), low, high)
+        return self.action.astype(np.float32)
+
+
+def make_policy(kind: str, space, seed: int, sigma: float):
+    rng = np.random.default_rng([seed, 7])
+    if kind == "random":
+        return RandomPolicy(space, rng)
+    if kind == "brownian":
+        return BrownianPolicy(space, rng, sigma)
+    raise ValueError(f"unknown policy {kind!r}; known: random, brownian")
+
+
+# ---------------------------------------------------------------- the actor
+
+def run_episode(env, policy, seed: int, max_steps: int):
+    """Step one episode; returns arrays (obs, actions, rewards, terminated, truncated)."""
+    obs, _ = env.reset(seed=seed)
+    frames, actions, rewards, terms, truncs = [], [], [], [], []
+    for t in range(max_steps):
+        action = policy(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or t == max_steps - 1
+        frames.append(obs)
+        actions.append(np.atleast_1d(np.asarray(action, np.float32)))
+        rewards.append(reward)
+        terms.append(terminated)
+        truncs.append(truncated and not terminated)
+        obs = next_obs
+        if terminated or truncated:
+            break
+    return (np.stack(frames), np.stack(actions), np.asarray(rewards, np.float32),
+            np.asarray(terms), np.asarray(truncs))
+
+
+class Collector:
+    """Owns one env; runs whole episodes and writes each as one shard."""
+
+    def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, policy: str, sigma: float,
+                 compression: str):
+        from envs import make_env
+
+        self.env = make_env(env_id, **env_kwargs)
+        self.env_id, self.out_dir = env_id, Path(out_dir)
+        self.policy, self.sigma, self.compression = policy, sigma, compression
+
+    def run(self, episode: int, seed: int, max_steps: int) -> dict:
+        start = time.perf_counter()
+        policy = make_policy(self.policy, self.env.action_space, seed, self.sigma)
+        obs, actions, rewards, terms, truncs = run_episode(self.env, policy, seed, max_steps)
+        name = shard_name(episode)
+        size = write_episode(self.out_dir / name, episode, obs, actions, rewards, terms, truncs,
+                             meta={"env_id": self.env_id, "episode": episode, "seed": seed,
+                                   "policy": self.policy},
+                             compression=self.compression)
+        return {"episode": episode, "file": f"{EPISODES_DIR}/{name}", "steps": len(obs),
+                "return": float(rewards.sum()), "bytes": size,
+                "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------- the driver
+
+def env_info(cfg: Config) -> dict:
+    """What a data directory's shards must agree on, read off a real env."""
+    from envs import make_env
+
+    env = make_env(cfg.env.id, **cfg.env.kwargs)
+    try:
+        space = env.action_space
+        action_dim = 1 if hasattr(space, "n") else int(np.prod(space.shape))
+        return {"env_id": cfg.env.id, "obs_shape": list(env.observation_space.shape),
+                "action_dim": action_dim, "discrete": hasattr(space, "n"),
+                "action_n": int(getattr(space, "n", 0))}
+    finally:
+        env.close()
+
+
+def check_shards(manifest: Manifest, log=print) -> int:
+    """Drop manifest entries whose file is missing or unreadable, adopt complete orphans.
+
+    Every page is read with its checksum verified, so a corrupt shard is found here and
+    collected again. Returns the number of shards dropped.
+    """
+    ep_dir = manifest.root / EPISODES_DIR
+    ep_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in ep_dir.glob(".*.tmp"):  # left by a writer that died mid-file
+        tmp.unlink()
+    dropped = 0
+    listed = {manifest.root / s["file"] for s in manifest.shards.values()}
+    for episode in sorted(manifest.shards):
+        path = manifest.file(episode)
+        try:
+            table = open_shard(path).read()
+            if table.num_rows != manifest.shards[episode]["steps"]:
+                raise ShardError(f"{path}: {table.num_rows} rows, manifest says "
+                                 f"{manifest.shards[episode]['steps']}")
+        except ShardError as e:
+            log(f"replacing shard: {e}")
+            path.unlink(missing_ok=True)
+            del manifest.shards[episode]
+            dropped += 1
+    for path in sorted(ep_dir.glob("ep-*.parquet")):
+        if path in listed:
+            continue
+        try:  # finished by an actor, but the driver stopped before listing it
+            table = open_shard(path).read(columns=["episode", "reward"])
+            episode = int(table.column("episode")[0].as_py())
+            if path.name != shard_name(episode):
+                raise ShardError(f"{path}: holds episode {episode}")
+            manifest.shards[episode] = {
+                "file": f"{EPISODES_DIR}/{path.name}", "steps": table.num_rows,
+                "return": float(np.sum(table.column("reward").to_numpy())),
+                "bytes": path.stat().st_size}
+        except (ShardError, IndexError) as e:
+            log(f"removing unusable shard: {e}")
+            path.unlink(missing_ok=True)
+    return dropped
+
+
+def collect(cfg: Config, run_dir: Path, log=print) -> dict:
+    """Collect `cfg.collect.episodes` episodes into run_dir/data; returns the stage's figures."""
+    start = time.perf_counter()
+    data_dir = Path(run_dir) / "data"
+    info = env_info(cfg)
+    manifest = Manifest.load_or_new(data_dir, info)
+    if manifest.info.get("env_id") != info["env_id"] or \
+            manifest.info.get("obs_shape") != info["obs_shape"]:
+        raise ShardError(f"{manifest.path}: data was collected from {manifest.info.get('env_id')} "
+                         f"{manifest.info.get('obs_shape')}, config asks for {info['env_id']} "
+                         f"{info['obs_shape']}; use another --out")
+    check_shards(manifest, log)
+    todo = [e for e in range(cfg.collect.episodes) if e not in manifest.shards]
+    c = cfg.collect
+    new_steps = 0
+    if todo:
+        n_actors = c.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
+        n_actors = min(n_actors, len(todo))
+        actor_cls = ray.remote(num_cpus=1, max_restarts=10, max_task_retries=10)(Collector)
+        actors = [actor_cls.options(name=f"collector-{i}").remote(
+            cfg.env.id, cfg.env.kwargs, str(data_dir / EPISODES_DIR), c.policy,
+            c.brownian_sigma, cfg.data.compression) for i in range(n_actors)]
+        try:
+            new_steps = _dispatch(actors, todo, manifest, c, log)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    manifest.save()
+    wall = time.perf_counter() - start
+    stats = {
+        "episodes": len(manifest.shards), "frames_collected": manifest.frames,
+        "episodes_new": len(todo), "env_steps_new": new_steps,
+        "env_steps_per_s": new_steps / wall if todo else None,
+        "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
+        "wall_s": wall,
+    }
+    log(f"collect: {stats['episodes']} episodes, {stats['frames_collected']} frames"
+        + (f", {stats['env_steps_per_s']:.0f} env steps/s" if todo else " (nothing new)"))
+    return stats
+
+
+def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
+    """Keep two episodes queued per actor; record each finished shard in the manifest."""
+    queue_ = list(reversed(todo))
+    pending = {}
+    for actor in actors * 2:
+        if queue_:
+            episode = queue_.pop()
+            pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
+    steps, t0, last_save = 0, time.perf_counter(), time.perf_counter()
+    bar = tqdm(total=len(todo), unit="ep", desc="collect", dynamic_ncols=True)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            result = ray.get(done[0])
+            result.pop("seconds")
+            manifest.shards[result.pop("episode")] = result
+            steps += result["steps"]
+            bar.update(1)
+            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}")
+            if queue_:
+                episode = queue_.pop()
+                pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
+            if time.perf_counter() - last_save > 5:  # a crash loses at most 5 s of listing
+                manifest.save()
+                last_save = time.perf_counter()
+    finally:
+        bar.close()
+        manifest.save()
+    return steps

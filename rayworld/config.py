@@ -1,0 +1,233 @@
+"""Typed configuration: dataclass defaults, a YAML preset on top, then `--set key=value`.
+
+Every key is checked: an unknown key or a value of the wrong type fails at once with one
+line that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed."""
+
+
+@dataclass
+class EnvConfig:
+    id: str = "rayworld/SimpleDriving-v0"
+    kwargs: dict = field(default_factory=dict)  # passed to the env's constructor
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = 64
+    max_steps: int = 300  # per episode; the env may end it earlier
+    policy: Literal["random", "brownian"] = "brownian"
+    brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
+    num_actors: int = 0  # 0: one per CPU that Ray sees
+    seed: int = 0  # episode i uses env seed `seed + i`
+
+
+@dataclass
+class DataConfig:
+    val_every: int = 10  # every val_every-th episode is held out for validation
+    shuffle_buffer: int = 4096  # frames held in the streaming shuffle buffer per worker
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+
+@dataclass
+class VAEConfig:
+    latent: int = 32
+    beta: float = 1.0
+    kl_tolerance: float = 0.5  # free bits: KL below kl_tolerance * latent is not penalised
+    kl_warmup_steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 10
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass
+class MDNConfig:
+    hidden: int = 256
+    mixtures: int = 5
+    seq_len: int = 32
+    batch_size: int = 32
+    epochs: int = 20
+    lr: float = 1e-3
+    reward_weight: float = 1.0
+    done_weight: float = 1.0
+    done_pos_weight: float = 10.0  # episode ends are rare: weigh them up
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ControllerConfig:
+    kind: Literal["linear", "mlp"] = "linear"
+    mlp_hidden: list = field(default_factory=lambda: [64])
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" starts Ray in-process; "auto" or ray://host:10001 joins a cluster
+    num_cpus: int = 0  # in-process Ray only; 0: all cores
+    object_store_mb: int = 1024  # in-process Ray only
+    dashboard: bool = False  # in-process Ray only
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    mdn: MDNConfig = field(default_factory=MDNConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp, value):
+    """Check `value` against the annotation `tp`; allow int where float is expected."""
+    if get_origin(tp) is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return value
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key '{key}': unsupported union type")  # not used
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, (list, tuple)),
+    }[tp]
+    if not ok(value):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    if tp is float:
+        return float(value)
+    if tp is list:
+        return list(value)
+    return value
+
+
+def _merge(obj, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; allowed here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, key), value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, tp, value))
+
+
+def _validate(cfg: Config):
+    positive = {
+        "collect.episodes": cfg.collect.episodes, "collect.max_steps": cfg.collect.max_steps,
+        "vae.latent": cfg.vae.latent, "vae.batch_size": cfg.vae.batch_size,
+        "vae.epochs": cfg.vae.epochs, "vae.lr": cfg.vae.lr,
+        "mdn.hidden": cfg.mdn.hidden, "mdn.mixtures": cfg.mdn.mixtures,
+        "mdn.seq_len": cfg.mdn.seq_len, "mdn.batch_size": cfg.mdn.batch_size,
+        "mdn.epochs": cfg.mdn.epochs, "mdn.lr": cfg.mdn.lr,
+        "ray.num_workers": cfg.ray.num_workers, "ray.cpus_per_worker": cfg.ray.cpus_per_worker,
+        "data.val_every": cfg.data.val_every, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a value > 0")
+    for key, value in {"collect.num_actors": cfg.collect.num_actors,
+                       "ray.num_cpus": cfg.ray.num_cpus, "vae.beta": cfg.vae.beta,
+                       "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    if cfg.data.val_every < 2:
+        raise ConfigError("config key 'data.val_every': expected >= 2 (1 would hold out all data)")
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """`vae.lr=3e-4` -> ('vae.lr', 0.0003); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. vae.lr=3e-4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers must stay numbers
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _nest(key: str, value) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> Config:
+    """Defaults, then `base` (a resolved dict), then the YAML file at `path`, then overrides."""
+    cfg = Config()
+    if base:
+        _merge(cfg, base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})")
+        try:
+            _merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        key, value = parse_set(item)
+        _merge(cfg, _nest(key, value))
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path):
+    from rayworld.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

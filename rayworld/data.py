@@ -1,0 +1,400 @@
+"""Rollout data on disk: one Parquet shard per episode, a manifest, and streaming readers.
+
+Layout of a run's data directory::
+
+    data/episodes/ep-000012.parquet   one row per env step of episode 12
+    data/manifest.json                the completed shards (episode -> file, steps, return)
+    data/series/ep-000012.parquet     the same episode as VAE latents (mu, logvar), for the MDN-RNN
+
+A shard holds a whole episode, so "exactly once" is per file: a shard appears under its final
+name only when complete (written to a temporary name, then renamed). Readers stream row groups
+and never hold the whole dataset.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayworld.io import atomic_path, atomic_write_json, read_json
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"rayworld.schema_version"
+ROW_GROUP = 256
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used: corrupt, truncated, or of another schema version."""
+
+
+def shard_name(episode: int) -> str:
+    return f"ep-{episode:06d}.parquet"
+
+
+def episode_schema(obs_shape, action_dim: int, meta: dict) -> pa.Schema:
+    fields = [
+        ("episode", pa.int64()),
+        ("step", pa.int32()),
+        ("obs", pa.binary(int(np.prod(obs_shape)))),  # raw HxWxC uint8 bytes
+        ("action", pa.list_(pa.float32(), action_dim)),
+        ("reward", pa.float32()),
+        ("terminated", pa.bool_()),
+        ("truncated", pa.bool_()),
+    ]
+    return pa.schema(fields, metadata=_metadata(meta, obs_shape=list(obs_shape)))
+
+
+def series_schema(latent: int, action_dim: int, meta: dict) -> pa.Schema:
+    fields = [
+        ("episode", pa.int64()),
+        ("step", pa.int32()),
+        ("mu", pa.list_(pa.float32(), latent)),
+        ("logvar", pa.list_(pa.float32(), latent)),
+        ("action", pa.list_(pa.float32(), action_dim)),
+        ("reward", pa.float32()),
+        ("terminated", pa.bool_()),
+        ("truncated", pa.bool_()),
+    ]
+    return pa.schema(fields, metadata=_metadata(meta))
+
+
+def _metadata(meta: dict, **extra) -> dict:
+    out = {VERSION_KEY: str(SCHEMA_VERSION).encode()}
+    for key, value in {**meta, **extra}.items():
+        out[f"rayworld.{key}".encode()] = str(value).encode()
+    return out
+
+
+def _fixed_list(values: np.ndarray, width: int) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def write_episode(path: Path, episode: int, obs: np.ndarray, actions: np.ndarray,
+                  rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                  meta: dict, compression: str = "zstd") -> int:
+    """Write one episode atomically; returns the file size in bytes."""
+    n = len(obs)
+    actions = np.asarray(actions, np.float32).reshape(n, -1)
+    schema = episode_schema(obs.shape[1:], actions.shape[1], meta)
+    width = int(np.prod(obs.shape[1:]))
+    obs_col = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(obs, np.uint8).tobytes())])
+    table = pa.table([
+        pa.array(np.full(n, episode, np.int64)), pa.array(np.arange(n, dtype=np.int32)),
+        obs_col, _fixed_list(actions, actions.shape[1]),
+        pa.array(np.asarray(rewards, np.float32)), pa.array(np.asarray(terminated, bool)),
+        pa.array(np.asarray(truncated, bool)),
+    ], schema=schema)
+    return _write_table(path, table, compression)
+
+
+def write_series(path: Path, episode: int, mu: np.ndarray, logvar: np.ndarray,
+                 actions: np.ndarray, rewards, terminated, truncated, meta: dict) -> int:
+    n, latent = mu.shape
+    actions = np.asarray(actions, np.float32).reshape(n, -1)
+    schema = series_schema(latent, actions.shape[1], meta)
+    table = pa.table([
+        pa.array(np.full(n, episode, np.int64)), pa.array(np.arange(n, dtype=np.int32)),
+        _fixed_list(mu, latent), _fixed_list(logvar, latent),
+        _fixed_list(actions, actions.shape[1]), pa.array(np.asarray(rewards, np.float32)),
+        pa.array(np.asarray(terminated, bool)), pa.array(np.asarray(truncated, bool)),
+    ], schema=schema)
+    return _write_table(path, table, "zstd")
+
+
+def _write_table(path: Path, table: pa.Table, compression: str) -> int:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP, write_page_checksum=True,
+                       compression=None if compression == "none" else compression)
+    return Path(path).stat().st_size
+
+
+def open_shard(path) -> pq.ParquetFile:
+    """Open a shard and check its schema version; errors name the file."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard listed in the manifest is missing; "
+                         "re-run `rayworld collect` to replace it") from None
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(f"{path}: corrupt or truncated Parquet shard ({e}); "
+                         "re-run `rayworld collect` to replace it") from None
+    meta = pf.schema_arrow.metadata or {}
+    found = meta.get(VERSION_KEY, b"none").decode()
+    if found != str(SCHEMA_VERSION):
+        raise ShardError(f"{path}: shard schema version {found} found, expected "
+                         f"{SCHEMA_VERSION}; re-collect it with this rayworld version")
+    return pf
+
+
+def shard_rows(path) -> int:
+    return open_shard(path).metadata.num_rows
+
+
+def shard_meta(path) -> dict:
+    meta = open_shard(path).schema_arrow.metadata or {}
+    return {k.decode().removeprefix("rayworld."): v.decode() for k, v in meta.items()}
+
+
+def obs_array(col: pa.Array, obs_shape) -> np.ndarray:
+    """FixedSizeBinary column -> uint8 [N, H, W, C] without a per-row Python loop."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    width = int(np.prod(obs_shape))
+    data = np.frombuffer(col.buffers()[1], np.uint8)
+    start = col.offset * width
+    return data[start:start + len(col) * width].reshape(len(col), *obs_shape)
+
+
+def list_array(col) -> np.ndarray:
+    """FixedSizeList<float32> column -> float32 [N, width]."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    width = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), width)
+
+
+# ---------------------------------------------------------------- manifest
+
+@dataclass
+class Manifest:
+    """The completed shards of a data directory, keyed by episode index."""
+
+    root: Path  # the data directory; shard files are relative to it
+    info: dict  # what produced the shards: env_id, obs_shape, action_dim, ...
+    shards: dict  # episode (int) -> {"file", "steps", "return", "bytes"}
+    name: str = "manifest.json"
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+    @classmethod
+    def load(cls, root, name: str = "manifest.json", stage: str = "collect") -> "Manifest":
+        root = Path(root)
+        data = read_json(root / name)
+        if data is None:
+            raise FileNotFoundError(f"{root / name} not found: run `rayworld {stage}` first")
+        found = data.get("schema_version")
+        if found != SCHEMA_VERSION:
+            raise ShardError(f"{root / name}: schema version {found} found, expected "
+                             f"{SCHEMA_VERSION}")
+        shards = {int(k): v for k, v in data.get("shards", {}).items()}
+        return cls(root, data.get("info", {}), shards, name)
+
+    @classmethod
+    def load_or_new(cls, root, info: dict, name: str = "manifest.json") -> "Manifest":
+        root = Path(root)
+        if (root / name).exists():
+            return cls.load(root, name)
+        return cls(root, dict(info), {}, name)
+
+    def save(self):
+        atomic_write_json(self.path, {
+            "schema_version": SCHEMA_VERSION, "info": self.info,
+            "shards": {str(k): v for k, v in sorted(self.shards.items())},
+        })
+
+    def file(self, episode: int) -> Path:
+        return self.root / self.shards[episode]["file"]
+
+    @property
+    def frames(self) -> int:
+        return sum(s["steps"] for s in self.shards.values())
+
+
+def split_episodes(episodes, val_every: int) -> tuple[list[int], list[int]]:
+    """Every val_every-th episode is held out; at least one if there are two or more."""
+    episodes = sorted(episodes)
+    val = [e for e in episodes if e % val_every == val_every - 1]
+    if not val and len(episodes) >= 2:
+        val = [episodes[-1]]
+    train = [e for e in episodes if e not in set(val)]
+    return train, val
+
+
+def rank_share(episodes: list[int], rank: int, world: int) -> list[int]:
+    """Distinct episodes per rank: DDP workers never see the same episode in one epoch."""
+    return sorted(episodes)[rank::world]
+
+
+# ---------------------------------------------------------------- streaming
+
+def prefetch(iterable, depth: int = 4):
+    """Run a generator in a background thread so reading overlaps compute."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # surface reader errors in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def stream_frames(files: list[Path], obs_shape, batch_size: int, num_batches: int,
+                  buffer: int, seed: int):
+    """Yield exactly `num_batches` shuffled uint8 batches [B,H,W,C], streaming row groups.
+
+    Files are visited in a seeded random order; frames pass through a shuffle buffer of
+    `buffer` frames. If the files run out before `num_batches`, they are visited again.
+    """
+    rng = np.random.default_rng(seed)
+    pending: list[np.ndarray] = []
+    held = 0
+    emitted = 0
+    while emitted < num_batches:
+        for i in rng.permutation(len(files)):
+            pf = open_shard(files[i])
+            try:
+                for rb in pf.iter_batches(batch_size=ROW_GROUP, columns=["obs"]):
+                    pending.append(obs_array(rb.column(0), obs_shape))
+                    held += rb.num_rows
+                    if held < buffer:
+                        continue
+                    pool = np.concatenate(pending)
+                    pool = pool[rng.permutation(len(pool))]
+                    n_full = len(pool) // batch_size
+                    for b in range(n_full):
+                        yield pool[b * batch_size:(b + 1) * batch_size]
+                        emitted += 1
+                        if emitted == num_batches:
+                            return
+                    pending, held = [pool[n_full * batch_size:]], len(pool) - n_full * batch_size
+            except (pa.ArrowException, OSError) as e:
+                raise ShardError(f"{files[i]}: corrupt or truncated Parquet shard ({e}); "
+                                 "re-run `rayworld collect` to replace it") from None
+        if held:  # end of a pass: flush what is left, whole batches only
+            pool = np.concatenate(pending)
+            pool = pool[rng.permutation(len(pool))]
+            n_full = len(pool) // batch_size
+            for b in range(n_full):
+                yield pool[b * batch_size:(b + 1) * batch_size]
+                emitted += 1
+                if emitted == num_batches:
+                    return
+            pending, held = [pool[n_full * batch_size:]], len(pool) - n_full * batch_size
+        if not files:
+            return
+
+
+def iter_frames(files: list[Path], obs_shape, batch_size: int):
+    """Every frame of `files` once, in order (validation, encoding)."""
+    for f in files:
+        pf = open_shard(f)
+        try:
+            for rb in pf.iter_batches(batch_size=batch_size, columns=["obs"]):
+                yield obs_array(rb.column(0), obs_shape)
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(f"{f}: corrupt or truncated Parquet shard ({e}); "
+                             "re-run `rayworld collect` to replace it") from None
+
+
+def read_series(path) -> dict:
+    """One encoded episode as arrays: mu, logvar [T,Z], action [T,A], reward, done [T]."""
+    table = open_shard(path).read()
+    return {
+        "mu": list_array(table.column("mu")), "logvar": list_array(table.column("logvar")),
+        "action": list_array(table.column("action")),
+        "reward": table.column("reward").to_numpy(),
+        "terminated": table.column("terminated").to_numpy(zero_copy_only=False),
+    }
+
+
+def windows_per_episode(steps: int, seq_len: int) -> int:
+    return max(1, steps // seq_len)
+
+
+def stream_windows(files: list[Path], steps: list[int], seq_len: int, batch_size: int,
+                   num_batches: int, group_steps: int, seed: int):
+    """Yield `num_batches` batches of latent windows for the MDN-RNN.
+
+    Episodes are read a group at a time (about `group_steps` steps), cut into
+    `windows_per_episode` windows of seq_len (+1 for the next-z target) at a random offset,
+    and shuffled within the group. Each batch is a dict of float32 arrays:
+    mu/logvar [B,T+1,Z], action [B,T,A], reward/done/mask/z_mask [B,T].
+    """
+    rng = np.random.default_rng(seed)
+    emitted = 0
+    carry: list[dict] = []
+    while emitted < num_batches and files:
+        order = rng.permutation(len(files))
+        start = 0
+        while start < len(order):
+            group, total = [], 0
+            while start < len(order) and (total < group_steps or not group):
+                group.append(order[start])
+                total += steps[order[start]]
+                start += 1
+            windows = carry
+            for i in group:
+                windows.extend(_cut_windows(read_series(files[i]), seq_len, rng))
+            rng.shuffle(windows)
+            n_full = len(windows) // batch_size
+            for b in range(n_full):
+                chunk = windows[b * batch_size:(b + 1) * batch_size]
+                yield {k: np.stack([w[k] for w in chunk]) for k in chunk[0]}
+                emitted += 1
+                if emitted == num_batches:
+                    return
+            carry = windows[n_full * batch_size:]
+
+
+def _cut_windows(ep: dict, seq_len: int, rng) -> list[dict]:
+    steps = len(ep["reward"])
+    n = windows_per_episode(steps, seq_len)
+    offset = int(rng.integers(0, steps - n * seq_len + 1)) if steps >= seq_len else 0
+    out = []
+    for w in range(n):
+        s = offset + w * seq_len
+        e = min(s + seq_len, steps)
+        t = e - s
+        pad = seq_len - t
+        # Input z_t for t in [s, e); target z_{t+1} exists except after the episode's last step.
+        zi = slice(s, min(e + 1, steps))
+        mu = _pad(ep["mu"][zi], seq_len + 1)
+        logvar = _pad(ep["logvar"][zi], seq_len + 1)
+        z_mask = np.zeros(seq_len, np.float32)
+        z_mask[:min(t, steps - 1 - s)] = 1.0
+        mask = np.zeros(seq_len, np.float32)
+        mask[:t] = 1.0
+        out.append({
+            "mu": mu, "logvar": logvar, "action": _pad(ep["action"][s:e], seq_len),
+            "reward": np.pad(ep["reward"][s:e], (0, pad)).astype(np.float32),
+            "done": np.pad(ep["terminated"][s:e].astype(np.float32), (0, pad)),
+            "mask": mask, "z_mask": z_mask,
+        })
+    return out
+
+
+def _pad(a: np.ndarray, length: int) -> np.ndarray:
+    a = np.asarray(a, np.float32)
+    if len(a) >= length:
+        return a[:length]
+    return np.concatenate([a, np.zeros((length - len(a),) + a.shape[1:], np.float32)])

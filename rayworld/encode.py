@@ -1,0 +1,103 @@
+"""Stage 3, encode: the trained VAE turns every episode into latents once (the paper's "series").
+
+The MDN-RNN then trains on (mu, logvar) per step and samples z from them each time, instead of
+re-encoding frames every epoch. Episodes are encoded in parallel Ray tasks. The series manifest
+records which VAE encoded it; a new VAE re-encodes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from rayworld.config import Config
+from rayworld.data import (Manifest, ShardError, iter_frames, list_array, open_shard, shard_name,
+                           write_series)
+from rayworld.train.common import load_model_file
+
+SERIES = "series.json"
+
+
+def vae_id(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_vae(path: Path):
+    from rayworld.models.vae import ConvVAE
+
+    state = load_model_file(path, "train-vae")
+    model = ConvVAE(latent=state["latent"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _encode_episodes(vae_path: str, data_dir: str, jobs: list, obs_shape, batch: int,
+                     threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    model = load_vae(Path(vae_path))
+    out = []
+    for episode, file in jobs:
+        src = Path(data_dir) / file
+        table = open_shard(src).read(columns=["action", "reward", "terminated", "truncated"])
+        mus, logvars = [], []
+        with torch.no_grad():
+            for frames in iter_frames([src], obs_shape, batch):
+                x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+                mu, logvar = model.encode(x)
+                mus.append(mu.numpy())
+                logvars.append(logvar.numpy())
+        name = f"series/{shard_name(episode)}"
+        size = write_series(Path(data_dir) / name, episode, np.concatenate(mus),
+                            np.concatenate(logvars), list_array(table.column("action")),
+                            table.column("reward").to_numpy(),
+                            table.column("terminated").to_numpy(zero_copy_only=False),
+                            table.column("truncated").to_numpy(zero_copy_only=False),
+                            meta={"episode": episode})
+        out.append({"episode": episode, "file": name, "steps": table.num_rows, "bytes": size})
+    return out
+
+
+def encode(cfg: Config, run_dir: Path, log=print) -> dict:
+    start = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    data_dir = run_dir / "data"
+    vae_path = run_dir / "checkpoints" / "vae.pt"
+    episodes = Manifest.load(data_dir)
+    if not vae_path.exists():
+        raise FileNotFoundError(f"{vae_path} not found: run `rayworld train-vae` first")
+    vid = vae_id(vae_path)
+    series = Manifest.load_or_new(data_dir, {"vae": vid}, name=SERIES)
+    if series.info.get("vae") != vid:
+        log("encode: the VAE changed since the last encoding; encoding every episode again")
+        series = Manifest(data_dir, {"vae": vid}, {}, SERIES)
+    for e in list(series.shards):  # drop entries whose file is gone or unreadable
+        try:
+            open_shard(series.file(e))
+        except ShardError:
+            del series.shards[e]
+    todo = sorted(e for e in episodes.shards if e not in series.shards)
+    if todo:
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        n_tasks = min(len(todo), cpus * 4)
+        task = ray.remote(num_cpus=1, max_retries=3)(_encode_episodes)
+        obs_shape = tuple(episodes.info["obs_shape"])
+        refs = [task.remote(str(vae_path), str(data_dir),
+                            [(e, episodes.shards[e]["file"]) for e in todo[i::n_tasks]],
+                            obs_shape, 256, 1) for i in range(n_tasks)]
+        with tqdm(total=len(todo), unit="ep", desc="encode", dynamic_ncols=True) as bar:
+            while refs:
+                done, refs = ray.wait(refs, num_returns=1)
+                for entry in ray.get(done[0]):
+                    series.shards[entry.pop("episode")] = entry
+                    bar.update(1)
+                series.save()
+    series.save()
+    wall = time.perf_counter() - start
+    log(f"encode: {len(series.shards)} episodes as latents ({len(todo)} new)")
+    return {"encoded_episodes": len(series.shards), "wall_s": wall}

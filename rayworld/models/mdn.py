@@ -1,0 +1,120 @@
+"""MDN-RNN world model: LSTM over (z_t, a_t) predicting p(z_{t+1}), reward and done."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# Keeps exp/square in range: sigma in [~9e-4, ~20] covers VAE latents comfortably.
+LOG_SIGMA_MIN = -7.0
+LOG_SIGMA_MAX = 3.0
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class MDNOut(NamedTuple):
+    logit_pi: torch.Tensor   # [B, T, Z, K]
+    mu: torch.Tensor         # [B, T, Z, K]
+    log_sigma: torch.Tensor  # [B, T, Z, K]
+    reward: torch.Tensor     # [B, T]
+    done_logit: torch.Tensor # [B, T]
+    h: torch.Tensor          # [B, T, H]
+
+
+class MDNRNN(nn.Module):
+    def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5):
+        super().__init__()
+        self.latent, self.action_dim = latent, action_dim
+        self.hidden, self.mixtures = hidden, mixtures
+        self.lstm = nn.LSTM(latent + action_dim, hidden, batch_first=True)
+        self.mdn_head = nn.Linear(hidden, 3 * latent * mixtures)
+        self.reward_head = nn.Linear(hidden, 1)
+        self.done_head = nn.Linear(hidden, 1)
+
+    def initial_state(self, batch: int, device=None):
+        device = device if device is not None else self.mdn_head.weight.device
+        zeros = torch.zeros(1, batch, self.hidden, device=device)
+        return zeros, zeros.clone()
+
+    def _heads(self, h: torch.Tensor) -> MDNOut:
+        lead = h.shape[:-1]
+        p = self.mdn_head(h).view(*lead, self.latent, 3, self.mixtures)
+        return MDNOut(
+            logit_pi=p[..., 0, :], mu=p[..., 1, :], log_sigma=p[..., 2, :],
+            reward=self.reward_head(h).squeeze(-1),
+            done_logit=self.done_head(h).squeeze(-1),
+            h=h,
+        )
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor, state=None):
+        h, state = self.lstm(torch.cat([z, a.to(z.dtype)], dim=-1), state)
+        return self._heads(h), state
+
+    def step(self, z: torch.Tensor, a: torch.Tensor, state=None):
+        """One step for B parallel dreams; same LSTM call as forward with T=1."""
+        out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state)
+        return MDNOut(*(t.squeeze(1) for t in out)), state
+
+
+def _component_log_prob(out: MDNOut, z_next: torch.Tensor) -> torch.Tensor:
+    """log p(z_next) per latent dim, marginalised over the K components."""
+    log_sigma = out.log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    x = z_next.unsqueeze(-1)
+    log_n = -0.5 * ((x - out.mu) * torch.exp(-log_sigma)).pow(2) - log_sigma - _LOG_SQRT_2PI
+    return torch.logsumexp(F.log_softmax(out.logit_pi, dim=-1) + log_n, dim=-1)
+
+
+def _masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(torch.bool)
+    # where() rather than multiply so NaN/inf in padding cannot leak in.
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def mdn_nll(out: MDNOut, z_next: torch.Tensor, mask=None) -> torch.Tensor:
+    nll = -_component_log_prob(out, z_next).mean(-1)  # paper averages over latent dims
+    return _masked_mean(nll, mask)
+
+
+def mdn_loss(out: MDNOut, z_next, reward, done, mask=None, z_mask=None,
+             reward_weight: float = 1.0, done_weight: float = 1.0,
+             done_pos_weight: float = 1.0) -> dict:
+    """z_mask (default: mask) excludes steps without a next frame from the NLL only."""
+    if z_mask is None:
+        z_mask = mask
+    nll = mdn_nll(out, z_next, z_mask)
+    reward_mse = _masked_mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask)
+    done_f = done.to(out.done_logit.dtype)
+    pos_weight = torch.tensor(float(done_pos_weight), dtype=done_f.dtype, device=done_f.device)
+    bce = F.binary_cross_entropy_with_logits(out.done_logit, done_f, pos_weight=pos_weight,
+                                             reduction="none")
+    done_bce = _masked_mean(bce, mask)
+    with torch.no_grad():
+        done_acc = _masked_mean(((out.done_logit > 0) == (done_f > 0.5)).to(done_f.dtype), mask)
+    loss = nll + reward_weight * reward_mse + done_weight * done_bce
+    return {"loss": loss, "nll": nll, "reward_mse": reward_mse, "done_bce": done_bce,
+            "done_acc": done_acc}
+
+
+@torch.no_grad()
+def sample_next(out_step: MDNOut, tau: float = 1.0, generator=None) -> torch.Tensor:
+    """Sample z_{t+1} [..., Z]; tau scales logits (1/tau) and sigma (sqrt(tau)).
+
+    tau <= 0 gives the deterministic mean of the most likely component.
+    """
+    logits, mu = out_step.logit_pi, out_step.mu
+    log_sigma = out_step.log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    k = logits.shape[-1]
+    if tau <= 0:
+        idx = logits.argmax(-1, keepdim=True)
+        return mu.gather(-1, idx).squeeze(-1)
+    probs = F.softmax(logits.float() / tau, dim=-1).reshape(-1, k)
+    idx = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
+    mean = mu.gather(-1, idx).squeeze(-1)
+    sigma = log_sigma.gather(-1, idx).squeeze(-1).exp() * math.sqrt(tau)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + sigma * noise

@@ -1,0 +1,179 @@
+"""Stage 4, train-mdn: the MDN-RNN in a Ray TorchTrainer on the encoded latent series."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rayworld.config import Config, load_config
+from rayworld.data import (Manifest, prefetch, rank_share, split_episodes, stream_windows,
+                           windows_per_episode)
+from rayworld.encode import SERIES
+from rayworld.train import common
+
+
+def plan(series: Manifest, cfg: Config, world: int):
+    train_eps, val_eps = split_episodes(series.shards, cfg.data.val_every)
+    m = cfg.mdn
+    per_rank = [sum(windows_per_episode(series.shards[e]["steps"], m.seq_len)
+                    for e in rank_share(train_eps, r, world)) for r in range(world)]
+    steps = min(per_rank) // m.batch_size
+    if steps == 0:
+        raise common.TrainError(
+            f"mdn: too few training windows per worker ({min(per_rank)}) for batch_size "
+            f"{m.batch_size}; collect more episodes or lower mdn.batch_size / mdn.seq_len")
+    return train_eps, val_eps, steps
+
+
+def _batch_to(batch: dict, device, gen: torch.Generator):
+    t = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    eps = torch.randn(t["mu"].shape, generator=gen).to(device)
+    z = t["mu"] + torch.exp(0.5 * t["logvar"]) * eps  # sample z as the paper does
+    return z[:, :-1], z[:, 1:], t
+
+
+def _losses(model, batch, device, gen, m):
+    from rayworld.models.mdn import mdn_loss
+
+    z_in, z_next, t = _batch_to(batch, device, gen)
+    out, _ = model(z_in, t["action"])
+    return mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
+                    reward_weight=m.reward_weight, done_weight=m.done_weight,
+                    done_pos_weight=m.done_pos_weight), t
+
+
+def train_loop(config: dict):
+    import ray.train
+    import ray.train.torch
+
+    from rayworld.images import save_curves
+    from rayworld.models.mdn import MDNRNN
+
+    cfg = load_config(base=config["cfg"])
+    run_dir = Path(config["run_dir"])
+    common.set_threads(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    series = Manifest.load(run_dir / "data", SERIES, stage="encode")
+    train_eps, val_eps, steps = plan(series, cfg, world)
+    mine = rank_share(train_eps, rank, world)
+    my_val = rank_share(val_eps, rank, world)
+    m = cfg.mdn
+    action_dim = int(config["action_dim"])
+
+    torch.manual_seed(cfg.seed)
+    model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
+                   mixtures=m.mixtures)
+    opt = torch.optim.Adam(model.parameters(), lr=m.lr)
+    state = common.load_state(ray.train.get_checkpoint())
+    start_epoch, history = 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start_epoch, history = state["epoch"], state["history"]
+        if rank == 0:
+            print(f"mdn: resuming after epoch {start_epoch}")
+    model = ray.train.torch.prepare_model(model)
+    writer = common.tb_writer(run_dir, "mdn") if rank == 0 else None
+    keys = ("loss", "nll", "reward_mse", "done_bce", "done_acc")
+    last = {}
+    for epoch in range(start_epoch, m.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
+        sums = dict.fromkeys(keys, 0.0)
+        batches = stream_windows([series.file(e) for e in mine],
+                                 [series.shards[e]["steps"] for e in mine], m.seq_len,
+                                 m.batch_size, steps, cfg.data.shuffle_buffer,
+                                 seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
+        for i, batch in enumerate(prefetch(batches)):
+            losses, _ = _losses(model, batch, device, gen, m)
+            common.check_finite(losses, "mdn", epoch, i,
+                                common.last_checkpoint_dir(run_dir, "mdn"))
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if m.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
+            opt.step()
+            for k in keys:
+                sums[k] += float(losses[k])
+        train_s = time.perf_counter() - t0
+        val = _validate(model, series, my_val, m, device, cfg.seed)
+        val = common.allreduce_sum(val, device)
+        n = max(val.pop("n"), 1.0)
+        metrics = {"epoch": epoch + 1, **{k: sums[k] / steps for k in keys},
+                   **{f"val_{k}": val[k] / n for k in keys},
+                   "sequences_per_s": steps * m.batch_size * world / train_s}
+        for k, value in metrics.items():
+            if k != "epoch":
+                history.setdefault(k, []).append(float(value))
+        ckpt_state = None
+        if rank == 0:
+            print(f"mdn epoch {epoch + 1}/{m.epochs}: nll {metrics['nll']:.3f} "
+                  f"reward_mse {metrics['reward_mse']:.4f} done_acc {metrics['done_acc']:.3f} | "
+                  f"val nll {metrics['val_nll']:.3f} done_bce {metrics['val_done_bce']:.3f}",
+                  flush=True)
+            for k, value in metrics.items():
+                writer.add_scalar(f"mdn/{k}", value, epoch + 1)
+            writer.flush()
+            save_curves({k: history[k] for k in ("nll", "val_nll", "reward_mse",
+                                                  "val_reward_mse", "done_bce", "val_done_acc")},
+                        run_dir / "images" / "mdn_curves.png", "MDN-RNN")
+            ckpt_state = {"model": common.unwrap(model).state_dict(), "optim": opt.state_dict(),
+                          "epoch": epoch + 1, "history": history}
+        common.report(metrics, ckpt_state)
+        last = metrics
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def _validate(model, series: Manifest, episodes, m, device, seed) -> dict:
+    """Sums of the losses over every held-out window (weighted by batch size)."""
+    sums = {k: 0.0 for k in ("loss", "nll", "reward_mse", "done_bce", "done_acc", "n")}
+    if not episodes:
+        return sums
+    steps = [series.shards[e]["steps"] for e in episodes]
+    n_windows = sum(windows_per_episode(s, m.seq_len) for s in steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    with torch.no_grad():
+        batches = stream_windows([series.file(e) for e in episodes], steps, m.seq_len,
+                                 min(m.batch_size, n_windows), max(1, n_windows // m.batch_size),
+                                 10**9, seed=seed)
+        for batch in batches:
+            losses, _ = _losses(model, batch, device, gen, m)
+            b = len(batch["mu"])
+            for k in sums:
+                if k != "n":
+                    sums[k] += float(losses[k]) * b
+            sums["n"] += b
+    model.train()
+    return sums
+
+
+def train_mdn(cfg: Config, run_dir: Path, log=print) -> dict:
+    start = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    episodes = Manifest.load(run_dir / "data")
+    series = Manifest.load(run_dir / "data", SERIES, stage="encode")
+    vae = torch.load(run_dir / "checkpoints" / "vae.pt", weights_only=True, map_location="cpu")
+    if vae["latent"] != cfg.vae.latent:
+        raise common.TrainError(f"mdn: checkpoints/vae.pt has latent {vae['latent']}, config "
+                                f"vae.latent is {cfg.vae.latent}; re-run train-vae")
+    action_dim = int(episodes.info["action_dim"])
+    result = common.fit(train_loop, cfg, run_dir, "mdn", {"action_dim": action_dim})
+    state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
+        "latent": cfg.vae.latent, "action_dim": action_dim, "hidden": cfg.mdn.hidden,
+        "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae")})
+    hist = state["history"]
+    figures = {"mdn_epochs": state["epoch"], "mdn_nll": hist["val_nll"][-1],
+               "mdn_train_nll": hist["nll"][-1], "mdn_reward_mse": hist["val_reward_mse"][-1],
+               "mdn_done_bce": hist["val_done_bce"][-1], "mdn_done_acc": hist["val_done_acc"][-1],
+               "wall_s": time.perf_counter() - start}
+    log(f"train-mdn: held-out NLL {figures['mdn_nll']:.3f}, reward MSE "
+        f"{figures['mdn_reward_mse']:.4f}, done acc {figures['mdn_done_acc']:.3f}")
+    return figures
+

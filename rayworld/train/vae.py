@@ -1,0 +1,172 @@
+"""Stage 2, train-vae: the ConvVAE in a Ray TorchTrainer, streaming frames from the shards."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rayworld.config import Config, load_config
+from rayworld.data import (Manifest, iter_frames, prefetch, rank_share, split_episodes,
+                           stream_frames)
+from rayworld.train import common
+
+
+def plan(manifest: Manifest, cfg: Config, world: int):
+    """Train/val episodes and the batches per epoch that every rank can fill."""
+    train_eps, val_eps = split_episodes(manifest.shards, cfg.data.val_every)
+    per_rank = [sum(manifest.shards[e]["steps"] for e in rank_share(train_eps, r, world))
+                for r in range(world)]
+    steps = min(per_rank) // cfg.vae.batch_size
+    if steps == 0:
+        raise common.TrainError(
+            f"vae: too few training frames per worker ({min(per_rank)}) for batch_size "
+            f"{cfg.vae.batch_size}; collect more episodes or lower vae.batch_size")
+    return train_eps, val_eps, steps
+
+
+def _to_x(batch: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol):
+    """Sums over held-out frames: loss, recon, kl, PSNR, SSIM; plus the first frames."""
+    from rayworld.metrics import psnr, ssim
+    from rayworld.models.vae import vae_loss
+
+    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0, "n": 0.0}
+    sample = None
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_frames(files, obs_shape, batch_size):
+            x = _to_x(batch, device)
+            x_hat, mu, logvar = model(x)
+            losses = vae_loss(x, x_hat, mu, logvar, beta, kl_tol)
+            n = len(x)
+            for k in ("loss", "recon", "kl"):
+                sums[k] += float(losses[k]) * n
+            sums["psnr"] += float(psnr(x_hat, x).sum())
+            sums["ssim"] += float(ssim(x_hat, x).sum())
+            sums["n"] += n
+            if sample is None:
+                sample = (batch[:16].copy(),
+                          (x_hat[:16].permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+                          .astype(np.uint8))
+    model.train()
+    return sums, sample
+
+
+def train_loop(config: dict):
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from rayworld.images import save_curves, save_recon_grid
+    from rayworld.models.vae import ConvVAE, kl_beta, vae_loss
+
+    cfg = load_config(base=config["cfg"])
+    run_dir = Path(config["run_dir"])
+    common.set_threads(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    manifest = Manifest.load(run_dir / "data")
+    obs_shape = tuple(manifest.info["obs_shape"])
+    train_eps, val_eps, steps = plan(manifest, cfg, world)
+    my_train = [manifest.file(e) for e in rank_share(train_eps, rank, world)]
+    my_val = [manifest.file(e) for e in rank_share(val_eps, rank, world)]
+    v = cfg.vae
+
+    torch.manual_seed(cfg.seed)
+    model = ConvVAE(latent=v.latent)
+    opt = torch.optim.Adam(model.parameters(), lr=v.lr)
+    state = common.load_state(ray.train.get_checkpoint())
+    start_epoch, global_step, history = 0, 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
+        if rank == 0:
+            print(f"vae: resuming after epoch {start_epoch}")
+    model = ray.train.torch.prepare_model(model)
+    writer = common.tb_writer(run_dir, "vae") if rank == 0 else None
+    last = {}
+    for epoch in range(start_epoch, v.epochs):
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
+        batches = stream_frames(my_train, obs_shape, v.batch_size, steps, cfg.data.shuffle_buffer,
+                                seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
+        for i, batch in enumerate(prefetch(batches)):
+            x = _to_x(batch, device)
+            x_hat, mu, logvar = model(x)
+            beta = kl_beta(global_step, v.beta, v.kl_warmup_steps)
+            losses = vae_loss(x, x_hat, mu, logvar, beta, v.kl_tolerance)
+            common.check_finite(losses, "vae", epoch, i,
+                                common.last_checkpoint_dir(run_dir, "vae"))
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if v.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), v.grad_clip)
+            opt.step()
+            global_step += 1
+            for k in sums:
+                sums[k] += float(losses[k])
+        train_s = time.perf_counter() - t0
+        val, sample = evaluate(model, my_val, obs_shape, 256, device,
+                               kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance)
+        val = common.allreduce_sum(val, device)
+        n = max(val["n"], 1.0)
+        metrics = {
+            "epoch": epoch + 1, "loss": sums["loss"] / steps, "recon": sums["recon"] / steps,
+            "kl": sums["kl"] / steps, "val_loss": val["loss"] / n, "val_recon": val["recon"] / n,
+            "val_kl": val["kl"] / n, "psnr_db": val["psnr"] / n, "ssim": val["ssim"] / n,
+            "images_per_s": steps * v.batch_size * world / train_s, "val_frames": int(val["n"]),
+        }
+        for k, value in metrics.items():
+            if k not in ("epoch", "val_frames"):
+                history.setdefault(k, []).append(float(value))
+        ckpt_state = None
+        if rank == 0:
+            print(f"vae epoch {epoch + 1}/{v.epochs}: loss {metrics['loss']:.2f} "
+                  f"recon {metrics['recon']:.2f} kl {metrics['kl']:.2f} | held-out PSNR "
+                  f"{metrics['psnr_db']:.2f} dB SSIM {metrics['ssim']:.3f} | "
+                  f"{metrics['images_per_s']:.0f} img/s", flush=True)
+            for k, value in metrics.items():
+                writer.add_scalar(f"vae/{k}", value, epoch + 1)
+            images = run_dir / "images"
+            if sample is not None:
+                save_recon_grid(sample[0], sample[1], images / "vae_recon.png")
+                grid = np.concatenate([np.concatenate(list(sample[0][:8]), 1),
+                                       np.concatenate(list(sample[1][:8]), 1)], 0)
+                writer.add_image("vae/recon", grid, epoch + 1, dataformats="HWC")
+            save_curves({k: history[k] for k in ("loss", "recon", "kl", "val_loss", "psnr_db",
+                                                  "ssim")}, images / "vae_curves.png", "VAE")
+            writer.flush()
+            ckpt_state = {"model": common.unwrap(model).state_dict(), "optim": opt.state_dict(),
+                          "epoch": epoch + 1, "step": global_step, "history": history}
+        common.report(metrics, ckpt_state)
+        last = metrics
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def train_vae(cfg: Config, run_dir: Path, log=print) -> dict:
+    """Train (or resume) the VAE; writes checkpoints/vae.pt and returns the stage's figures."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    manifest = Manifest.load(run_dir / "data")  # fail early, before any worker starts
+    result = common.fit(train_loop, cfg, run_dir, "vae")
+    state = common.export_model(result, run_dir / "checkpoints" / "vae.pt", {
+        "latent": cfg.vae.latent, "obs_shape": manifest.info["obs_shape"]})
+    hist = state["history"]
+    figures = {
+        "vae_epochs": state["epoch"], "vae_psnr_db": hist["psnr_db"][-1],
+        "vae_ssim": hist["ssim"][-1], "vae_val_loss": hist["val_loss"][-1],
+        "vae_images_per_s": hist["images_per_s"][-1], "wall_s": time.perf_counter() - start,
+    }
+    log(f"train-vae: held-out PSNR {figures['vae_psnr_db']:.2f} dB, SSIM "
+        f"{figures['vae_ssim']:.3f} after {state['epoch']} epochs")
+    return figures

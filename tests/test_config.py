@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from rayworld.config import Config, ConfigError, load_config, parse_set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "carracing_small", "carracing"])
+def test_presets_load(preset):
+    cfg = load_config(ROOT / "tune_configs" / f"{preset}.yaml")
+    assert cfg.name == preset
+    assert cfg.vae.latent == 32 and cfg.mdn.mixtures == 5
+
+
+def test_set_overrides_and_types():
+    cfg = load_config(None, ["vae.lr=3e-4", "collect.episodes=7", "ray.use_gpu=true",
+                             "env.kwargs={max_steps: 50}", "vae.beta=2"])
+    assert cfg.vae.lr == pytest.approx(3e-4)
+    assert cfg.collect.episodes == 7
+    assert cfg.ray.use_gpu is True
+    assert cfg.env.kwargs == {"max_steps": 50}
+    assert isinstance(cfg.vae.beta, float) and cfg.vae.beta == 2.0
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["vae.latnt=16"])
+    msg = str(e.value)
+    assert "'vae.latnt'" in msg and "latent" in msg and "\n" not in msg
+
+
+def test_bad_value_names_key_and_expected():
+    with pytest.raises(ConfigError, match=r"'vae.lr'.*expected float"):
+        load_config(None, ["vae.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'collect.policy'.*'random', 'brownian'"):
+        load_config(None, ["collect.policy=greedy"])
+    with pytest.raises(ConfigError, match=r"'collect.episodes'.*> 0"):
+        load_config(None, ["collect.episodes=0"])
+    with pytest.raises(ConfigError, match=r"'vae.epochs'.*expected int"):
+        load_config(None, ["vae.epochs=2.5"])
+
+
+def test_bad_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vae:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'vae.epochz'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_set_needs_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set("vae.lr")
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["mdn.hidden=128"])
+    again = load_config(base=cfg.to_dict())
+    assert again == cfg and isinstance(again, Config)
