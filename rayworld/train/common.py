@@ -134,7 +134,7 @@ def load_model_file(path: Path, stage: str) -> dict:
 
 def last_checkpoint_dir(run_dir: Path, name: str) -> str:
     root = Path(run_dir) / "checkpoints" / name
-    found = sorted(root.glob("checkpoint_*")) if root.exists() else []
+    found = sorted(p for p in root.glob("checkpoint_*") if p.is_dir()) if root.exists() else []
     return str(found[-1]) if found else "none yet"
 
 

@@ -73,6 +73,8 @@ def train_loop(config: dict):
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
+        for group in opt.param_groups:  # the config's lr wins over the saved one
+            group["lr"] = m.lr
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
             print(f"mdn: resuming after epoch {start_epoch}")
@@ -100,6 +102,7 @@ def train_loop(config: dict):
             for k in keys:
                 sums[k] += float(losses[k])
         train_s = time.perf_counter() - t0
+        sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val = _validate(model, series, my_val, m, device, cfg.seed)
         val = common.allreduce_sum(val, device)
         n = max(val.pop("n"), 1.0)

@@ -87,6 +87,8 @@ def train_loop(config: dict):
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
+        for group in opt.param_groups:  # the config's lr wins over the saved one
+            group["lr"] = v.lr
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
         if rank == 0:
             print(f"vae: resuming after epoch {start_epoch}")
@@ -114,6 +116,7 @@ def train_loop(config: dict):
             for k in sums:
                 sums[k] += float(losses[k])
         train_s = time.perf_counter() - t0
+        sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val, sample = evaluate(model, my_val, obs_shape, 256, device,
                                kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance)
         val = common.allreduce_sum(val, device)

@@ -1,0 +1,108 @@
+"""The CLI end to end on a tiny SimpleDriving run: collect, train-vae, encode, train-mdn.
+
+Real Ray Train, real checkpoints, real TensorBoard event files. One module-scoped run is
+shared by the tests below to keep the number of TorchTrainer.fit() calls small.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayworld.cli import main
+from rayworld.train.common import last_checkpoint_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["collect.episodes=12", "collect.max_steps=80", "vae.epochs=1", "vae.batch_size=32",
+        "mdn.epochs=1", "mdn.seq_len=16", "mdn.batch_size=8", "mdn.hidden=64",
+        "ray.cpus_per_worker=1"]
+
+
+def _cli(*args):
+    return main(list(args))
+
+
+def _sets(items):
+    return [x for item in items for x in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "quick"
+    rc = _cli("pipeline", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
+              "--out", str(out), *_sets(TINY))
+    assert rc == 0
+    return out
+
+
+def _scalars(tb_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_run_directory_and_report(run):
+    for d in ("data", "checkpoints", "tensorboard", "images"):
+        assert (run / d).is_dir()
+    assert (run / "config.yaml").read_text().startswith("name: quickstart")
+    report = json.loads((run / "report.json").read_text())
+    assert report["frames_collected"] > 12
+    assert report["env_steps_per_s"] > 0
+    assert 5 < report["vae_psnr_db"] < 60
+    assert 0 < report["vae_ssim"] <= 1
+    assert report["mdn_nll"] == report["mdn_nll"]  # not NaN
+    assert set(report["wall_s"]) == {"collect", "train-vae", "encode", "train-mdn"}
+    for png in ("vae_recon.png", "vae_curves.png", "mdn_curves.png"):
+        assert (run / "images" / png).stat().st_size > 1000
+
+
+def test_checkpoints_load_with_weights_only(run):
+    from rayworld.models.mdn import MDNRNN
+    from rayworld.models.vae import ConvVAE
+
+    vae = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)
+    ConvVAE(latent=vae["latent"]).load_state_dict(vae["model"])
+    mdn = torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)
+    MDNRNN(latent=mdn["latent"], action_dim=mdn["action_dim"], hidden=mdn["hidden"],
+           mixtures=mdn["mixtures"]).load_state_dict(mdn["model"])
+    assert list((run / "checkpoints" / "vae").glob("checkpoint_*"))
+
+
+def test_tensorboard_has_metrics(run):
+    vae = _scalars(run / "tensorboard" / "vae")
+    for tag in ("vae/loss", "vae/recon", "vae/kl", "vae/psnr_db", "vae/ssim"):
+        assert len(vae[tag]) == 1
+    mdn = _scalars(run / "tensorboard" / "mdn")
+    for tag in ("mdn/nll", "mdn/reward_mse", "mdn/done_bce", "mdn/done_acc", "mdn/val_nll"):
+        assert len(mdn[tag]) == 1
+
+
+def test_rerun_resumes_from_last_checkpoint(run):
+    before = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)
+    assert before["epoch"] == 1
+    assert _cli("train-vae", "--out", str(run), "--set", "vae.epochs=2") == 0
+    after = torch.load(run / "checkpoints" / "vae.pt", weights_only=True)
+    state = after["epoch"]
+    assert state == 2  # one more epoch, not two from scratch
+    assert len(_scalars(run / "tensorboard" / "vae")["vae/loss"]) == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(run, capsys):
+    good = Path(last_checkpoint_dir(run, "vae"))
+    good_bytes = (good / "state.pt").read_bytes()
+    rc = _cli("train-vae", "--out", str(run), "--set", "vae.epochs=4", "--set", "vae.lr=1e12")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "became" in err and "last good checkpoint kept" in err
+    assert (good / "state.pt").read_bytes() == good_bytes
+    state = torch.load(good / "state.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bad_config_fails_with_one_line(capsys, tmp_path):
+    assert _cli("collect", "--out", str(tmp_path), "--set", "vae.latnt=3") == 2
+    err = capsys.readouterr().err.strip()
+    assert "'vae.latnt'" in err and len(err.splitlines()) == 1
