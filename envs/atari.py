@@ -19,7 +19,7 @@ class Atari64(gym.ObservationWrapper):
 
 
 def make_atari(game: str, **kwargs) -> gym.Env:
-    import ale_py  # the optional extra; the registry turns its absence into a clear error
+    from ale_py import AtariEnv  # the optional extra; the registry reports its absence
 
-    gym.register_envs(ale_py)
-    return Atari64(gym.make(f"ALE/{game}-v5", **kwargs).unwrapped)
+    settings = {"frameskip": 4, "repeat_action_probability": 0.25, **kwargs}  # ALE v5
+    return Atari64(AtariEnv(game=game.lower(), obs_type="rgb", **settings))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from rayworld.config import Config
 from rayworld.data import Manifest, ShardError, open_shard, shard_name, write_episode
+from rayworld.io import progress
 
 EPISODES_DIR = "episodes"
 
@@ -223,7 +223,7 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
             episode = queue_.pop()
             pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
     steps, t0, last_save = 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(total=len(todo), unit="ep", desc="collect", dynamic_ncols=True)
+    bar = progress(len(todo), "collect")
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -233,7 +233,7 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
             manifest.shards[result.pop("episode")] = result
             steps += result["steps"]
             bar.update(1)
-            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}", refresh=False)
             if queue_:
                 episode = queue_.pop()
                 pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor

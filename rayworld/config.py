@@ -215,7 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})")
+            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         try:
             _merge(cfg, data)
         except ConfigError as e:

@@ -178,7 +178,7 @@ class Manifest:
         return self.root / self.name
 
     @classmethod
-    def load(cls, root, name: str = "manifest.json", stage: str = "collect") -> "Manifest":
+    def load(cls, root, name: str = "manifest.json", stage: str = "collect") -> Manifest:
         root = Path(root)
         data = read_json(root / name)
         if data is None:
@@ -191,7 +191,7 @@ class Manifest:
         return cls(root, data.get("info", {}), shards, name)
 
     @classmethod
-    def load_or_new(cls, root, info: dict, name: str = "manifest.json") -> "Manifest":
+    def load_or_new(cls, root, info: dict, name: str = "manifest.json") -> Manifest:
         root = Path(root)
         if (root / name).exists():
             return cls.load(root, name)

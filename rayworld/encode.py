@@ -14,11 +14,18 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from rayworld.config import Config
-from rayworld.data import (Manifest, ShardError, iter_frames, list_array, open_shard, shard_name,
-                           write_series)
+from rayworld.data import (
+    Manifest,
+    ShardError,
+    iter_frames,
+    list_array,
+    open_shard,
+    shard_name,
+    write_series,
+)
+from rayworld.io import progress
 from rayworld.train.common import load_model_file
 
 SERIES = "series.json"
@@ -90,7 +97,7 @@ def encode(cfg: Config, run_dir: Path, log=print) -> dict:
         refs = [task.remote(str(vae_path), str(data_dir),
                             [(e, episodes.shards[e]["file"]) for e in todo[i::n_tasks]],
                             obs_shape, 256, 1) for i in range(n_tasks)]
-        with tqdm(total=len(todo), unit="ep", desc="encode", dynamic_ncols=True) as bar:
+        with progress(len(todo), "encode") as bar:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)
                 for entry in ray.get(done[0]):

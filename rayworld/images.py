@@ -1,35 +1,12 @@
 """PNG artefacts for training runs: reconstruction grids and loss curves, written atomically."""
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
-
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path next to `path`; move it over `path` only if the body succeeds.
-
-    Readers (dashboards, other workers) never see a half-written file. The temp
-    keeps the extension so writers that sniff it (savefig, PIL) pick the format.
-    """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(directory, f".{root}.{uuid.uuid4().hex[:8]}.tmp{ext}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+from rayworld.io import atomic_path
 
 
 def _to_uint8_nhwc(frames) -> np.ndarray:

@@ -55,3 +55,14 @@ def update_report(run_dir, **figures):
             report[key] = value
     atomic_write_json(path, report)
     return report
+
+
+def progress(total: int, desc: str, unit: str = "ep"):
+    """A tqdm bar; in a log file (no terminal) it updates every few seconds, not every item."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=tty,
+                mininterval=0.2 if tty else 5.0)

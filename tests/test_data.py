@@ -2,9 +2,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayworld.data import (Manifest, ShardError, episode_schema, iter_frames, open_shard,
-                           rank_share, read_series, split_episodes, stream_frames,
-                           stream_windows, write_episode, write_series)
+from rayworld.data import (
+    Manifest,
+    ShardError,
+    episode_schema,
+    iter_frames,
+    open_shard,
+    rank_share,
+    read_series,
+    split_episodes,
+    stream_frames,
+    stream_windows,
+    write_episode,
+    write_series,
+)
 
 
 def _episode(n, seed=0):

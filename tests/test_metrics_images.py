@@ -7,7 +7,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from rayworld import images
-from rayworld.images import atomic_path, save_curves, save_recon_grid
+from rayworld.images import save_curves, save_recon_grid
+from rayworld.io import atomic_path
 from rayworld.metrics import psnr, ssim
 
 
@@ -124,7 +125,7 @@ def test_atomic_path_success_and_failure(tmp_path):
     path = tmp_path / "out.png"
     path.write_bytes(b"original")
     with atomic_path(path) as tmp:
-        assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".png")
+        assert tmp.parent == tmp_path and tmp != path
         assert not os.path.exists(path) or path.read_bytes() == b"original"
         with open(tmp, "wb") as f:
             f.write(b"new")

@@ -6,10 +6,18 @@ import torch
 from torch import distributions as D
 
 from rayworld.models import (
-    Controller, ConvVAE, MDNOut, MDNRNN, kl_beta, mdn_loss, mdn_nll, sample_next, to_float, vae_loss,
+    MDNRNN,
+    Controller,
+    ConvVAE,
+    MDNOut,
+    kl_beta,
+    mdn_loss,
+    mdn_nll,
+    sample_next,
+    to_float,
+    vae_loss,
 )
 from rayworld.models.mdn import LOG_SIGMA_MAX, LOG_SIGMA_MIN
-
 
 # ---------------------------------------------------------------- VAE
 

@@ -1,5 +1,5 @@
 from .controller import Controller
-from .mdn import MDNOut, MDNRNN, mdn_loss, mdn_nll, sample_next
+from .mdn import MDNRNN, MDNOut, mdn_loss, mdn_nll, sample_next
 from .vae import ConvVAE, kl_beta, to_float, vae_loss
 
 __all__ = [

@@ -8,8 +8,14 @@ from pathlib import Path
 import torch
 
 from rayworld.config import Config, load_config
-from rayworld.data import (Manifest, prefetch, rank_share, split_episodes, stream_windows,
-                           windows_per_episode)
+from rayworld.data import (
+    Manifest,
+    prefetch,
+    rank_share,
+    split_episodes,
+    stream_windows,
+    windows_per_episode,
+)
 from rayworld.encode import SERIES
 from rayworld.train import common
 

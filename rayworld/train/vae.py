@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from rayworld.config import Config, load_config
-from rayworld.data import (Manifest, iter_frames, prefetch, rank_share, split_episodes,
-                           stream_frames)
+from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
 from rayworld.train import common
 
 
