@@ -30,6 +30,8 @@ ENVS = {
     "rayworld/Breakout-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",),
                                  {"game": "Breakout"}),
     "rayworld/Pong-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",), {"game": "Pong"}),
+    # The world model's dream of a trained run: make_env("rayworld/Dream-v0", run_dir=...)
+    "rayworld/Dream-v0": Spec("rayworld.dream:DreamEnv", needs=("torch",)),
 }
 
 

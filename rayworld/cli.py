@@ -11,7 +11,7 @@ from pathlib import Path
 from rayworld.config import ConfigError, load_config, save_config
 from rayworld.io import update_report
 
-STAGES = ("collect", "train-vae", "encode", "train-mdn")
+STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,10 +21,21 @@ def _parser() -> argparse.ArgumentParser:
                         ("train-vae", "train the ConvVAE with Ray Train"),
                         ("encode", "encode every episode into VAE latents"),
                         ("train-mdn", "train the MDN-RNN with Ray Train"),
-                        ("pipeline", "collect, train-vae, encode and train-mdn in turn")]:
+                        ("evolve", "evolve the controller with CMA-ES inside the dream"),
+                        ("evaluate", "score the controller and the random policy in the real env"),
+                        ("pipeline", "every stage in turn, skipping those already complete")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="a YAML preset, e.g. tune_configs/quickstart.yaml")
-        s.add_argument("--out", required=True, help="the run directory, e.g. runs/quickstart")
+        if name == "evaluate":
+            s.add_argument("--run", "--out", dest="out", required=True,
+                           help="the run directory to evaluate")
+            s.add_argument("--episodes", type=int, default=None,
+                           help="real episodes per policy (default: evaluate.episodes)")
+        else:
+            s.add_argument("--out", required=True, help="the run directory, e.g. runs/quickstart")
+        if name == "pipeline":
+            s.add_argument("--force", action="store_true",
+                           help="run every stage even if its outputs are complete")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set vae.lr=3e-4 (repeatable)")
         s.add_argument("--address", default=None,
@@ -62,15 +73,50 @@ def init_ray(cfg, address: str | None = None):
     return True
 
 
-def run_stage(stage: str, cfg, out: Path) -> dict:
+def stage_done(stage: str, cfg, out: Path) -> bool:
+    """Whether a stage's outputs are complete for this config, so a pipeline re-run skips it."""
+    import torch
+
+    from rayworld.data import Manifest
+    from rayworld.io import read_json
+
+    ckpt = out / "checkpoints"
+    try:
+        if stage == "collect":
+            return len(Manifest.load(out / "data").shards) >= cfg.collect.episodes
+        if stage in ("train-vae", "train-mdn"):
+            name, epochs = ("vae", cfg.vae.epochs) if stage == "train-vae" else \
+                ("mdn", cfg.mdn.epochs)
+            return torch.load(ckpt / f"{name}.pt", weights_only=True)["epoch"] >= epochs
+        if stage == "encode":
+            from rayworld.encode import SERIES, vae_id
+
+            series = Manifest.load(out / "data", SERIES)
+            return (series.info.get("vae") == vae_id(ckpt / "vae.pt") and
+                    len(series.shards) >= len(Manifest.load(out / "data").shards))
+        if stage == "evolve":
+            state = torch.load(ckpt / "controller.pt", weights_only=True)
+            return state["generation"] >= cfg.evolve.generations
+        if stage == "evaluate":
+            report = read_json(out / "report.json", {})
+            return report.get("evaluated_generation") == torch.load(
+                ckpt / "controller.pt", weights_only=True)["generation"]
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
+        return False
+    return False
+
+
+def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
     from rayworld.collect import collect
     from rayworld.encode import encode
+    from rayworld.evaluate import evaluate
+    from rayworld.evolve import evolve
     from rayworld.train.mdn import train_mdn
     from rayworld.train.vae import train_vae
 
     fn = {"collect": collect, "train-vae": train_vae, "encode": encode,
-          "train-mdn": train_mdn}[stage]
-    figures = fn(cfg, out)
+          "train-mdn": train_mdn, "evolve": evolve, "evaluate": evaluate}[stage]
+    figures = fn(cfg, out, **kwargs)
     wall = figures.pop("wall_s")
     update_report(out, **{k: v for k, v in figures.items() if v is not None},
                   wall_s={stage: round(wall, 2)})
@@ -94,7 +140,11 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         for stage in stages:
-            run_stage(stage, cfg, out)
+            if args.command == "pipeline" and not args.force and stage_done(stage, cfg, out):
+                print(f"rayworld pipeline: {stage} is complete, skipping it")
+                continue
+            kwargs = {"episodes": args.episodes} if stage == "evaluate" else {}
+            run_stage(stage, cfg, out, **kwargs)
         print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
               f"figures in {out / 'report.json'}")
         return 0

@@ -76,6 +76,26 @@ class ControllerConfig:
 
 
 @dataclass
+class EvolveConfig:
+    population: int = 16  # CMA-ES candidates per generation (the paper: 64)
+    rollouts: int = 4  # dream rollouts per candidate (the paper: 16)
+    sigma0: float = 0.1
+    generations: int = 20
+    tau: float = 1.0  # dream temperature
+    max_steps: int = 300  # per dream rollout
+    num_actors: int = 0  # dream evaluators; 0: one per CPU
+    real_every: int = 5  # score the best candidate and the mean in the real env every K gens
+    real_episodes: int = 4  # 0 turns real scoring off
+
+
+@dataclass
+class EvaluateConfig:
+    episodes: int = 32
+    max_steps: int = 1000
+    seed: int = 100_000  # real-env seeds seed..seed+episodes-1, the same for every policy
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # "" starts Ray in-process; "auto" or ray://host:10001 joins a cluster
     num_cpus: int = 0  # in-process Ray only; 0: all cores
@@ -96,6 +116,8 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     mdn: MDNConfig = field(default_factory=MDNConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict:
@@ -165,12 +187,19 @@ def _validate(cfg: Config):
         "mdn.epochs": cfg.mdn.epochs, "mdn.lr": cfg.mdn.lr,
         "ray.num_workers": cfg.ray.num_workers, "ray.cpus_per_worker": cfg.ray.cpus_per_worker,
         "data.val_every": cfg.data.val_every, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "evolve.population": cfg.evolve.population, "evolve.rollouts": cfg.evolve.rollouts,
+        "evolve.sigma0": cfg.evolve.sigma0, "evolve.generations": cfg.evolve.generations,
+        "evolve.tau": cfg.evolve.tau, "evolve.max_steps": cfg.evolve.max_steps,
+        "evolve.real_every": cfg.evolve.real_every, "evaluate.episodes": cfg.evaluate.episodes,
+        "evaluate.max_steps": cfg.evaluate.max_steps,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value > 0")
     for key, value in {"collect.num_actors": cfg.collect.num_actors,
                        "ray.num_cpus": cfg.ray.num_cpus, "vae.beta": cfg.vae.beta,
+                       "evolve.num_actors": cfg.evolve.num_actors,
+                       "evolve.real_episodes": cfg.evolve.real_episodes,
                        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")

@@ -30,13 +30,13 @@ def _to_x(batch: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol):
-    """Sums over held-out frames: loss, recon, kl, PSNR, SSIM; plus the first frames."""
+def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1):
+    """Sums over held-out frames: loss, recon, kl, PSNR, SSIM; plus every stride-th frame (16)."""
     from rayworld.metrics import psnr, ssim
     from rayworld.models.vae import vae_loss
 
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0, "n": 0.0}
-    sample = None
+    originals, recons = [], []
     model.eval()
     with torch.no_grad():
         for batch in iter_frames(files, obs_shape, batch_size):
@@ -49,11 +49,12 @@ def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol):
             sums["psnr"] += float(psnr(x_hat, x).sum())
             sums["ssim"] += float(ssim(x_hat, x).sum())
             sums["n"] += n
-            if sample is None:
-                sample = (batch[:16].copy(),
-                          (x_hat[:16].permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+            pick = np.arange(-int(sums["n"] - n) % stride, n, stride)[:16 - len(originals)]
+            originals.extend(batch[pick])
+            recons.extend((x_hat[pick].permute(0, 2, 3, 1).cpu().numpy() * 255).round()
                           .astype(np.uint8))
     model.train()
+    sample = (np.stack(originals), np.stack(recons)) if originals else None
     return sums, sample
 
 
@@ -76,6 +77,7 @@ def train_loop(config: dict):
     train_eps, val_eps, steps = plan(manifest, cfg, world)
     my_train = [manifest.file(e) for e in rank_share(train_eps, rank, world)]
     my_val = [manifest.file(e) for e in rank_share(val_eps, rank, world)]
+    val_frames = sum(manifest.shards[e]["steps"] for e in rank_share(val_eps, rank, world))
     v = cfg.vae
 
     torch.manual_seed(cfg.seed)
@@ -117,7 +119,8 @@ def train_loop(config: dict):
         train_s = time.perf_counter() - t0
         sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val, sample = evaluate(model, my_val, obs_shape, 256, device,
-                               kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance)
+                               kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance,
+                               stride=max(1, val_frames // 16))
         val = common.allreduce_sum(val, device)
         n = max(val["n"], 1.0)
         metrics = {

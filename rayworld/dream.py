@@ -1,0 +1,174 @@
+"""Stage 5, dream: the environment the world model imagines, batched over B rollouts.
+
+One forward pass of the MDN-RNN steps every rollout at once: B = population x rollouts per
+candidate. Dreams start from latents of real first frames (encoded by the VAE). A rollout
+ends when the done head says so (probability > 0.5) or at max_steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from rayworld.data import Manifest
+from rayworld.encode import SERIES
+from rayworld.models.controller import Controller
+from rayworld.models.mdn import MDNRNN, sample_next
+from rayworld.train.common import load_model_file
+
+
+@dataclass
+class WorldModel:
+    """The trained MDN-RNN plus the real first-frame latents that dreams start from."""
+
+    mdn: MDNRNN
+    z0_mu: torch.Tensor  # [N, Z]
+    z0_logvar: torch.Tensor  # [N, Z]
+    action_dim: int
+    discrete: bool
+    action_n: int
+
+    @property
+    def latent(self) -> int:
+        return self.z0_mu.shape[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.mdn.hidden
+
+    @classmethod
+    def load(cls, run_dir: Path) -> WorldModel:
+        from rayworld.data import read_series
+
+        run_dir = Path(run_dir)
+        state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
+        mdn = MDNRNN(latent=state["latent"], action_dim=state["action_dim"],
+                     hidden=state["hidden"], mixtures=state["mixtures"])
+        mdn.load_state_dict(state["model"])
+        series = Manifest.load(run_dir / "data", SERIES, stage="encode")
+        episodes = Manifest.load(run_dir / "data")
+        mus, logvars = [], []
+        for e in sorted(series.shards):
+            ep = read_series(series.file(e))
+            mus.append(ep["mu"][0])
+            logvars.append(ep["logvar"][0])
+        return cls(mdn.eval(), torch.from_numpy(np.stack(mus)),
+                   torch.from_numpy(np.stack(logvars)), state["action_dim"],
+                   bool(episodes.info.get("discrete", False)),
+                   int(episodes.info.get("action_n", 0)))
+
+
+class BatchedDream:
+    """B independent dream rollouts stepped together; torch in, torch out."""
+
+    def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000):
+        self.world, self.tau, self.max_steps = world, tau, max_steps
+
+    @torch.no_grad()
+    def reset(self, batch: int, generator: torch.Generator):
+        w = self.world
+        idx = torch.randint(len(w.z0_mu), (batch,), generator=generator)
+        eps = torch.randn(batch, w.latent, generator=generator)
+        z = w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
+        return z, w.mdn.initial_state(batch)
+
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        """What the MDN-RNN was trained on: the action vector (discrete: its index)."""
+        return action.float().reshape(len(action), -1)
+
+    @torch.no_grad()
+    def step(self, z, state, action, generator: torch.Generator):
+        out, state = self.world.mdn.step(z, self.action_input(action), state)
+        z_next = sample_next(out, self.tau, generator)
+        done = torch.sigmoid(out.done_logit) > 0.5
+        return z_next, state, out.reward, done
+
+    @torch.no_grad()
+    def rollout(self, policy, batch: int, seed: int) -> torch.Tensor:
+        """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A]."""
+        gen = torch.Generator().manual_seed(seed)
+        z, state = self.reset(batch, gen)
+        total = torch.zeros(batch)
+        alive = torch.ones(batch, dtype=torch.bool)
+        for _ in range(self.max_steps):
+            action = policy(z, state[0][0])
+            z, state, reward, done = self.step(z, state, action, gen)
+            total += reward * alive
+            alive &= ~done
+            if not alive.any():
+                break
+        return total
+
+
+class Population:
+    """P controllers evaluated as one batched module (torch.func.vmap over stacked params)."""
+
+    def __init__(self, template: Controller, flat_params: np.ndarray, repeats: int):
+        self.template, self.repeats = template, repeats
+        models = []
+        for vec in np.array(np.atleast_2d(flat_params)):  # writable copy
+            m = copy.deepcopy(template)
+            m.set_flat(vec)
+            models.append(m)
+        self.params, self.buffers = stack_module_state(models)
+        self.size = len(models)
+
+    def __call__(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        # rows are candidate-major: candidate p owns rows [p*repeats, (p+1)*repeats)
+        zs = z.reshape(self.size, self.repeats, -1)
+        hs = h.reshape(self.size, self.repeats, -1)
+
+        def one(params, buffers, zz, hh):
+            return functional_call(self.template, (params, buffers), (zz, hh))
+
+        out = vmap(one)(self.params, self.buffers, zs, hs)
+        return out.reshape(self.size * self.repeats, *out.shape[2:])
+
+
+def evaluate_population(dream: BatchedDream, template: Controller, flat_params: np.ndarray,
+                        rollouts: int, seed: int) -> np.ndarray:
+    """Mean dream return per candidate, all candidates x rollouts in one batch."""
+    pop = Population(template, flat_params, rollouts)
+    returns = dream.rollout(pop, pop.size * rollouts, seed)
+    return returns.reshape(pop.size, rollouts).mean(1).double().numpy()
+
+
+class DreamEnv(gym.Env):
+    """One dream rollout as a gymnasium env: obs = [z, h] (float32), the real env's actions."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, run_dir: str, tau: float = 1.0, max_steps: int = 1000):
+        world = WorldModel.load(Path(run_dir))
+        self.dream = BatchedDream(world, tau, max_steps)
+        size = world.latent + world.hidden
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        if world.discrete:
+            self.action_space = gym.spaces.Discrete(world.action_n)
+        else:
+            self.action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32)[:world.action_dim],
+                                               np.ones(world.action_dim, np.float32))
+        self._gen = torch.Generator()
+
+    def _obs(self):
+        return torch.cat([self._z[0], self._state[0][0, 0]]).numpy().astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._gen.manual_seed(int(self.np_random.integers(2**31)))
+        self._z, self._state = self.dream.reset(1, self._gen)
+        self._t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        a = torch.as_tensor(np.asarray(action, np.float32)).reshape(1, -1)
+        self._z, self._state, reward, done = self.dream.step(self._z, self._state, a, self._gen)
+        self._t += 1
+        truncated = self._t >= self.dream.max_steps and not bool(done[0])
+        return self._obs(), float(reward[0]), bool(done[0]), truncated, {}

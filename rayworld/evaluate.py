@@ -1,0 +1,136 @@
+"""Stage 7, evaluate: a controller in the real env, next to the random policy on the same seeds.
+
+A real rollout runs the whole World Models agent: the VAE encodes each frame to z, the
+controller acts on [z, h], and the MDN-RNN advances h with (z, action).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from rayworld.config import Config
+from rayworld.io import progress
+
+CONTROLLER = "controller.pt"
+
+
+def make_controller(cfg: Config, latent: int, hidden: int, action_dim: int, discrete: bool):
+    from rayworld.models.controller import Controller
+
+    return Controller(latent=latent, hidden=hidden, action_dim=action_dim, kind=cfg.controller.kind,
+                      mlp_hidden=tuple(cfg.controller.mlp_hidden), discrete=discrete)
+
+
+class RealRunner:
+    """Owns one real env plus the VAE, MDN-RNN and a controller; runs whole episodes."""
+
+    def __init__(self, run_dir: str, cfg_dict: dict):
+        from envs import make_env
+        from rayworld.config import load_config
+        from rayworld.dream import WorldModel
+        from rayworld.encode import load_vae
+
+        torch.set_num_threads(1)
+        self.cfg = load_config(base=cfg_dict)
+        run = Path(run_dir)
+        self.vae = load_vae(run / "checkpoints" / "vae.pt")
+        self.world = WorldModel.load(run)
+        self.env = make_env(self.cfg.env.id, **self.cfg.env.kwargs)
+        w = self.world
+        n_out = w.action_n if w.discrete else w.action_dim
+        self.controller = make_controller(self.cfg, w.latent, w.hidden, n_out, w.discrete).eval()
+
+    @torch.no_grad()
+    def episode(self, params, seed: int, max_steps: int) -> float:
+        """Total real reward of one episode; params None runs the uniform random policy."""
+        obs, _ = self.env.reset(seed=seed)
+        space = self.env.action_space
+        rng = np.random.default_rng([seed, 11])
+        if params is not None:
+            self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+        state = self.world.mdn.initial_state(1)
+        total = 0.0
+        for _ in range(max_steps):
+            if params is None:
+                action = (int(rng.integers(space.n)) if hasattr(space, "n")
+                          else rng.uniform(space.low, space.high).astype(np.float32))
+            else:
+                x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
+                z, _ = self.vae.encode(x)
+                a = self.controller(z, state[0][0])
+                _, state = self.world.mdn.step(z, a.float().reshape(1, -1), state)
+                action = int(a[0]) if self.world.discrete else a[0].numpy()
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return total
+
+
+def runner_pool(run_dir: Path, cfg: Config, n: int, name: str = "real-evaluator"):
+    cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(RealRunner)
+    return [cls.options(name=f"{name}-{i}").remote(str(run_dir), cfg.to_dict()) for i in range(n)]
+
+
+def run_episodes(runners, params, seeds, max_steps: int, desc: str | None = None) -> np.ndarray:
+    """Episodes spread over the runners, one seed each; returns their totals in seed order."""
+    pending, results = {}, {}
+    todo = list(enumerate(seeds))
+    bar = progress(len(seeds), desc) if desc else None
+    for r in runners:
+        if todo:
+            i, s = todo.pop(0)
+            pending[r.episode.remote(params, s, max_steps)] = (r, i)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        runner, i = pending.pop(done[0])
+        results[i] = ray.get(done[0])
+        if bar:
+            bar.update(1)
+        if todo:
+            j, s = todo.pop(0)
+            pending[runner.episode.remote(params, s, max_steps)] = (runner, j)
+    if bar:
+        bar.close()
+    return np.array([results[i] for i in range(len(seeds))])
+
+
+def load_controller_params(run_dir: Path) -> np.ndarray:
+    path = Path(run_dir) / "checkpoints" / CONTROLLER
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no controller yet ({path} is missing): run "
+                                f"`rayworld evolve --out {run_dir}` first")
+    state = torch.load(path, weights_only=True)
+    return state["params"].double().numpy(), int(state["generation"])
+
+
+def evaluate(cfg: Config, run_dir: Path, episodes: int | None = None, log=print) -> dict:
+    start = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    params, generation = load_controller_params(run_dir)
+    n = episodes or cfg.evaluate.episodes
+    seeds = [cfg.evaluate.seed + i for i in range(n)]
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    runners = runner_pool(run_dir, cfg, min(n, cpus))
+    try:
+        ctrl = run_episodes(runners, params, seeds, cfg.evaluate.max_steps, "evaluate")
+        rand = run_episodes(runners, None, seeds, cfg.evaluate.max_steps, "random")
+    finally:
+        for r in runners:
+            ray.kill(r)
+    figures = {"real_return_mean": float(ctrl.mean()), "real_return_std": float(ctrl.std()),
+               "real_return_se": float(ctrl.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+               "random_return_mean": float(rand.mean()), "random_return_std": float(rand.std()),
+               "random_return_se": float(rand.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+               "episodes": n, "evaluated_generation": generation,
+               "wall_s": time.perf_counter() - start}
+    log(f"evaluate over {n} episodes: controller {figures['real_return_mean']:.2f} +/- "
+        f"{figures['real_return_std']:.2f} (se {figures['real_return_se']:.2f}) | random "
+        f"{figures['random_return_mean']:.2f} +/- {figures['random_return_std']:.2f} "
+        f"(se {figures['random_return_se']:.2f})")
+    return figures

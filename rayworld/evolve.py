@@ -1,0 +1,150 @@
+"""Stage 6, evolve: CMA-ES (the `cma` library, ask/tell) of the controller inside the dream.
+
+Each generation's population is split across Ray actors. Every actor holds the world model
+once and scores its share in one batched dream (candidates x rollouts). Every `real_every`
+generations the best candidate and the CMA-ES mean are also scored in the real env, so the
+dream-vs-real gap is logged as it develops. The CMA-ES state is saved after each generation;
+re-running the same run directory resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from rayworld.config import Config
+from rayworld.evaluate import CONTROLLER, RealRunner, run_episodes
+from rayworld.io import atomic_path
+
+STATE = "evolve_state.pkl"
+
+
+class EvolveWorker(RealRunner):
+    """A real-env runner that also scores candidates in the batched dream."""
+
+    def __init__(self, run_dir: str, cfg_dict: dict):
+        from rayworld.dream import BatchedDream
+
+        super().__init__(run_dir, cfg_dict)
+        e = self.cfg.evolve
+        self.dream = BatchedDream(self.world, e.tau, e.max_steps)
+
+    def num_params(self) -> int:
+        return self.controller.num_params
+
+    def dream_returns(self, params: np.ndarray, rollouts: int, seed: int) -> np.ndarray:
+        from rayworld.dream import evaluate_population
+
+        return evaluate_population(self.dream, self.controller, params, rollouts, seed)
+
+
+def _score(workers, params: np.ndarray, rollouts: int, seed: int, log) -> np.ndarray:
+    """Dream fitness of every candidate; a share whose actor died is redone by another."""
+    shares = [s for s in np.array_split(np.arange(len(params)), len(workers)) if len(s)]
+    fitness = np.empty(len(params))
+    pending = {workers[i].dream_returns.remote(params[s], rollouts, seed): (i, s)
+               for i, s in enumerate(shares)}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i, share = pending.pop(done[0])
+        try:
+            fitness[share] = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            j = (i + 1) % len(workers)
+            log(f"evolve: dream-evaluator-{i} died; its {len(share)} candidates go to "
+                f"dream-evaluator-{j}")
+            pending[workers[j].dream_returns.remote(params[share], rollouts, seed)] = (j, share)
+    return fitness
+
+
+def _save_state(path: Path, data: dict):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(pickle.dumps(data))
+
+
+def _plot(history: dict, path: Path):
+    from rayworld.images import save_curves
+
+    save_curves({k: history[k] for k in ("dream_best", "dream_mean", "dream_worst")
+                 if history.get(k)} | {k: history[k] for k in ("real_best", "real_mean")
+                                       if history.get(k)}, path, "evolution: dream vs real")
+
+
+def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
+    import cma
+
+    from rayworld.train.common import tb_writer
+
+    start = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    e = cfg.evolve
+    ckpt = run_dir / "checkpoints"
+    state_path = ckpt / STATE
+    n_workers = e.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
+    cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=0)(EvolveWorker)
+    workers = [cls.options(name=f"dream-evaluator-{i}").remote(str(run_dir), cfg.to_dict())
+               for i in range(n_workers)]
+    num_params = ray.get(workers[0].num_params.remote())
+    if state_path.exists():
+        saved = pickle.loads(state_path.read_bytes())  # our own file, written below
+        if saved["num_params"] != num_params:
+            raise ValueError(f"{state_path}: controller has {saved['num_params']} parameters, "
+                             f"config gives {num_params}; use another --out")
+        es, gen0, hist = saved["es"], saved["generation"], saved["history"]
+        log(f"evolve: resuming after generation {gen0}")
+    else:
+        es = cma.CMAEvolutionStrategy(np.zeros(num_params), e.sigma0,
+                                      {"popsize": e.population, "seed": cfg.seed + 1,
+                                       "verbose": -9})
+        gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
+                                         "real_best", "real_mean")}
+    writer = tb_writer(run_dir, "evolve")
+    real_seeds = [cfg.evaluate.seed + 10_000 + i for i in range(e.real_episodes)]
+    try:
+        for gen in range(gen0, e.generations):
+            t0 = time.perf_counter()
+            xs = np.asarray(es.ask())
+            fitness = _score(workers, xs, e.rollouts, cfg.seed * 100_003 + gen, log)
+            es.tell(list(xs), list(-fitness))  # cma minimises
+            best = int(np.argmax(fitness))
+            hist["dream_best"].append(float(fitness[best]))
+            hist["dream_mean"].append(float(fitness.mean()))
+            hist["dream_worst"].append(float(fitness.min()))
+            line = (f"evolve gen {gen + 1}/{e.generations}: dream best {fitness[best]:.2f} mean "
+                    f"{fitness.mean():.2f} worst {fitness.min():.2f}")
+            for k in ("dream_best", "dream_mean", "dream_worst"):
+                writer.add_scalar(f"evolve/{k}", hist[k][-1], gen + 1)
+            writer.add_scalar("evolve/sigma", es.sigma, gen + 1)
+            last_gen = gen + 1 == e.generations
+            if e.real_episodes and ((gen + 1) % e.real_every == 0 or last_gen):
+                rb = run_episodes(workers, xs[best], real_seeds, cfg.evaluate.max_steps).mean()
+                rm = run_episodes(workers, es.mean, real_seeds, cfg.evaluate.max_steps).mean()
+                hist["real_gen"].append(gen + 1)
+                hist["real_best"].append(float(rb))
+                hist["real_mean"].append(float(rm))
+                writer.add_scalar("evolve/real_best", rb, gen + 1)
+                writer.add_scalar("evolve/real_mean", rm, gen + 1)
+                line += f" | real best {rb:.2f} mean-params {rm:.2f}"
+            writer.flush()
+            log(f"{line} ({time.perf_counter() - t0:.1f} s)")
+            with atomic_path(ckpt / CONTROLLER) as tmp:  # the CMA-ES mean: the robust pick
+                torch.save({"params": torch.from_numpy(np.asarray(es.mean, np.float64)),
+                            "generation": gen + 1, "kind": cfg.controller.kind}, tmp)
+            _save_state(state_path, {"es": es, "generation": gen + 1, "history": hist,
+                                     "num_params": num_params})
+            _plot(hist, run_dir / "images" / "evolve_curves.png")
+    finally:
+        writer.close()
+        for w in workers:
+            ray.kill(w)
+    figures = {"dream_return_best": max(hist["dream_best"]) if hist["dream_best"] else None,
+               "dream_return_last_mean": hist["dream_mean"][-1] if hist["dream_mean"] else None,
+               "generations": len(hist["dream_best"]), "wall_s": time.perf_counter() - start}
+    if hist["real_mean"]:
+        figures["evolve_real_return_mean_params"] = hist["real_mean"][-1]
+    return figures
