@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                         ("train-mdn", "train the MDN-RNN with Ray Train"),
                         ("evolve", "evolve the controller with CMA-ES inside the dream"),
                         ("evaluate", "score the controller and the random policy in the real env"),
+                        ("dream-gif", "a GIF of one dream rollout beside the same real rollout"),
                         ("pipeline", "every stage in turn, skipping those already complete")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="a YAML preset, e.g. tune_configs/quickstart.yaml")
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="real episodes per policy (default: evaluate.episodes)")
         else:
             s.add_argument("--out", required=True, help="the run directory, e.g. runs/quickstart")
+        if name == "dream-gif":
+            s.add_argument("--steps", type=int, default=200)
+            s.add_argument("--seed", type=int, default=0)
         if name == "pipeline":
             s.add_argument("--force", action="store_true",
                            help="run every stage even if its outputs are complete")
@@ -134,17 +138,35 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for d in ("data", "checkpoints", "tensorboard", "images"):
         (out / d).mkdir(exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if not (out / "config.yaml").exists():
+        save_config(cfg, out / "config.yaml")
+    if args.command == "dream-gif":  # no Ray needed
+        from rayworld.dreamgif import dream_gif
+
+        try:
+            dream_gif(cfg, out, args.steps, args.seed)
+            return 0
+        except (ValueError, FileNotFoundError) as e:
+            print(f"rayworld dream-gif: {e}", file=sys.stderr)
+            return 1
     stages = STAGES if args.command == "pipeline" else (args.command,)
     started = init_ray(cfg, args.address)
     try:
+        from rayworld.summary import write_summary
+
         t0 = time.perf_counter()
         for stage in stages:
             if args.command == "pipeline" and not args.force and stage_done(stage, cfg, out):
                 print(f"rayworld pipeline: {stage} is complete, skipping it")
                 continue
-            kwargs = {"episodes": args.episodes} if stage == "evaluate" else {}
+            kwargs = {"episodes": getattr(args, "episodes", None)} if stage == "evaluate" else {}
             run_stage(stage, cfg, out, **kwargs)
+            if stage == "evolve":
+                from rayworld.dreamgif import dream_gif
+
+                dream_gif(cfg, out)
+            write_summary(out)
+        save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
         print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
               f"figures in {out / 'report.json'}")
         return 0

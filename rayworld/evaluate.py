@@ -40,6 +40,11 @@ class RealRunner:
         run = Path(run_dir)
         self.vae = load_vae(run / "checkpoints" / "vae.pt")
         self.world = WorldModel.load(run)
+        vae_latent = self.vae.latent
+        if vae_latent != self.world.latent:
+            raise ValueError(f"{run / 'checkpoints' / 'vae.pt'} has latent {vae_latent} but "
+                             f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
+                             "re-run encode and train-mdn (or use another --out)")
         self.env = make_env(self.cfg.env.id, **self.cfg.env.kwargs)
         w = self.world
         n_out = w.action_n if w.discrete else w.action_dim

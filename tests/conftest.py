@@ -16,3 +16,26 @@ def ray_session():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+TINY = ["collect.episodes=12", "collect.max_steps=80", "vae.epochs=1", "vae.batch_size=32",
+        "mdn.epochs=2", "mdn.seq_len=16", "mdn.batch_size=8", "mdn.hidden=64",
+        "ray.cpus_per_worker=1", "evolve.generations=6", "evolve.population=8",
+        "evolve.rollouts=4", "evolve.max_steps=60", "evolve.real_every=3",
+        "evolve.real_episodes=2", "evaluate.episodes=4", "evaluate.max_steps=80"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory):
+    """One tiny quickstart pipeline, every stage, shared by the tests that read its outputs."""
+    from pathlib import Path
+
+    from rayworld.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("pipe") / "quick"
+    args = ["pipeline", "--config", str(root / "tune_configs/quickstart.yaml"), "--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out

@@ -13,27 +13,14 @@ import torch
 from rayworld.cli import main
 from rayworld.train.common import last_checkpoint_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["collect.episodes=12", "collect.max_steps=80", "vae.epochs=1", "vae.batch_size=32",
-        "mdn.epochs=1", "mdn.seq_len=16", "mdn.batch_size=8", "mdn.hidden=64",
-        "ray.cpus_per_worker=1"]
-
 
 def _cli(*args):
     return main(list(args))
 
 
-def _sets(items):
-    return [x for item in items for x in ("--set", item)]
-
-
-@pytest.fixture(scope="module")
-def run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipe") / "quick"
-    rc = _cli("pipeline", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
-              "--out", str(out), *_sets(TINY))
-    assert rc == 0
-    return out
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def _scalars(tb_dir: Path) -> dict:
@@ -54,9 +41,17 @@ def test_run_directory_and_report(run):
     assert 5 < report["vae_psnr_db"] < 60
     assert 0 < report["vae_ssim"] <= 1
     assert report["mdn_nll"] == report["mdn_nll"]  # not NaN
-    assert set(report["wall_s"]) == {"collect", "train-vae", "encode", "train-mdn"}
-    for png in ("vae_recon.png", "vae_curves.png", "mdn_curves.png"):
+    assert set(report["wall_s"]) == {"collect", "train-vae", "encode", "train-mdn", "evolve",
+                                     "evaluate"}
+    for key in ("dream_return_best", "real_return_mean", "real_return_std",
+                "random_return_mean", "random_return_std"):
+        assert isinstance(report[key], float) and report[key] == report[key]
+    assert report["episodes"] == 4
+    for png in ("vae_recon.png", "vae_curves.png", "mdn_curves.png", "evolve_curves.png",
+                "dream_vs_real.gif"):
         assert (run / "images" / png).stat().st_size > 1000
+    summary = (run / "summary.md").read_text()
+    assert "controller real return" in summary and "images/dream_vs_real.gif" in summary
 
 
 def test_checkpoints_load_with_weights_only(run):
@@ -77,7 +72,18 @@ def test_tensorboard_has_metrics(run):
         assert len(vae[tag]) == 1
     mdn = _scalars(run / "tensorboard" / "mdn")
     for tag in ("mdn/nll", "mdn/reward_mse", "mdn/done_bce", "mdn/done_acc", "mdn/val_nll"):
-        assert len(mdn[tag]) == 1
+        assert len(mdn[tag]) == 2
+    evo = _scalars(run / "tensorboard" / "evolve")
+    assert len(evo["evolve/dream_mean"]) == 6 and len(evo["evolve/real_mean"]) == 2
+    # CMA-ES improved the controller inside the dream
+    assert max(evo["evolve/dream_mean"][-2:]) > evo["evolve/dream_mean"][0]
+
+
+def test_pipeline_rerun_skips_complete_stages(run, capsys):
+    assert _cli("pipeline", "--out", str(run)) == 0
+    out = capsys.readouterr().out
+    for stage in ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate"):
+        assert f"{stage} is complete, skipping it" in out
 
 
 def test_rerun_resumes_from_last_checkpoint(run):

@@ -1,0 +1,92 @@
+"""Dream steps/s: B rollouts batched in one MDN-RNN pass vs one rollout at a time, and vs the
+real CarRacing-v3 on the same cores.
+
+    python bench/dream_throughput.py [--run runs/quickstart] [--population 64 --rollouts 16]
+                                     [--steps 100] [--threads 2]
+
+Without --run the MDN-RNN has the paper's size (z 32, hidden 256, 5 mixtures) and random
+weights: speed does not depend on training. Target: batched >= 10x one-at-a-time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+from rayworld.dream import BatchedDream, WorldModel, evaluate_population
+from rayworld.models.controller import Controller
+from rayworld.models.mdn import MDNRNN
+
+
+def world_model(run: str | None) -> WorldModel:
+    if run:
+        return WorldModel.load(run)
+    torch.manual_seed(0)
+    return WorldModel(MDNRNN(32, 3, 256, 5).eval(), torch.randn(64, 32), torch.zeros(64, 32),
+                      3, False, 0)
+
+
+def dream_rate(world, population: int, rollouts: int, steps: int) -> float:
+    dream = BatchedDream(world, tau=1.0, max_steps=steps)
+    dream.step = _never_done(dream.step)  # time full-length rollouts
+    template = Controller(world.latent, world.hidden, world.action_dim)
+    params = np.random.default_rng(0).normal(0, 0.1, (population, template.num_params))
+    t0 = time.perf_counter()
+    evaluate_population(dream, template, params, rollouts, seed=0)
+    return population * rollouts * steps / (time.perf_counter() - t0)
+
+
+def _never_done(step):
+    def wrapped(*args, **kwargs):
+        z, state, reward, done = step(*args, **kwargs)
+        return z, state, reward, torch.zeros_like(done)
+    return wrapped
+
+
+def real_rate(seconds: float, workers: int) -> float:
+    import gymnasium as gym
+
+    import envs
+
+    vec = gym.vector.AsyncVectorEnv([lambda: envs.make_env("rayworld/CarRacing-v0")
+                                     for _ in range(workers)])
+    vec.reset(seed=0)
+    rng = np.random.default_rng(0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        vec.step(rng.uniform([-1, 0, 0], [1, 1, 1], (workers, 3)).astype(np.float32))
+        n += workers
+    rate = n / (time.perf_counter() - t0)
+    vec.close()
+    return rate
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None)
+    p.add_argument("--population", type=int, default=64)
+    p.add_argument("--rollouts", type=int, default=16)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--real-seconds", type=float, default=10.0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    world = world_model(args.run)
+    batched = dream_rate(world, args.population, args.rollouts, args.steps)
+    single = dream_rate(world, 1, 1, args.steps * 4)
+    real = real_rate(args.real_seconds, args.threads)
+    b = args.population * args.rollouts
+    print(f"dream, {b} rollouts batched : {batched:10.0f} steps/s")
+    print(f"dream, one rollout at a time : {single:10.0f} steps/s")
+    print(f"real CarRacing-v3, {args.threads} procs  : {real:10.0f} steps/s")
+    print(f"batched / one-at-a-time: {batched / single:.1f}x (target >= 10x: "
+          f"{'PASS' if batched / single >= 10 else 'FAIL'})")
+    print(f"batched dream / real CarRacing: {batched / real:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

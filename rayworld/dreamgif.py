@@ -1,0 +1,88 @@
+"""`rayworld dream-gif`: the controller in its dream (decoded by the VAE) beside the real env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rayworld.config import Config
+from rayworld.io import atomic_path
+
+
+@torch.no_grad()
+def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.ndarray]:
+    """Decode one dream rollout of the controller, starting from the real env's first frame."""
+    from rayworld.dream import BatchedDream
+
+    obs, _ = runner.env.reset(seed=seed)
+    runner.controller.set_flat(np.array(params))
+    dream = BatchedDream(runner.world, tau, steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
+    z, _ = runner.vae.encode(x)
+    state = runner.world.mdn.initial_state(1)
+    frames = []
+    for _ in range(steps):
+        frames.append(_to_uint8(runner.vae.decode(z)))
+        action = runner.controller(z, state[0][0])
+        z, state, _, done = dream.step(z, state, action, gen)
+        if bool(done[0]):
+            break
+    return frames
+
+
+@torch.no_grad()
+def real_frames(runner, params, steps: int, seed: int) -> list[np.ndarray]:
+    obs, _ = runner.env.reset(seed=seed)
+    runner.controller.set_flat(np.array(params))
+    state = runner.world.mdn.initial_state(1)
+    frames = []
+    for _ in range(steps):
+        frames.append(obs)
+        x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
+        z, _ = runner.vae.encode(x)
+        a = runner.controller(z, state[0][0])
+        _, state = runner.world.mdn.step(z, a.float().reshape(1, -1), state)
+        action = int(a[0]) if runner.world.discrete else a[0].numpy()
+        obs, _, terminated, truncated, _ = runner.env.step(action)
+        if terminated or truncated:
+            break
+    return frames
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def side_by_side(dream: list, real: list, scale: int = 3) -> list[Image.Image]:
+    """Dream on the left, real on the right; the shorter one holds its last frame."""
+    n = max(len(dream), len(real))
+    out = []
+    for t in range(n):
+        d, r = dream[min(t, len(dream) - 1)], real[min(t, len(real) - 1)]
+        gap = np.full((d.shape[0], 4, 3), 255, np.uint8)
+        img = Image.fromarray(np.concatenate([d, gap, r], 1))
+        out.append(img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST))
+    return out
+
+
+def dream_gif(cfg: Config, run_dir: Path, steps: int = 200, seed: int = 0,
+              log=print) -> Path:
+    from rayworld.evaluate import RealRunner, load_controller_params
+
+    run_dir = Path(run_dir).resolve()
+    params, _ = load_controller_params(run_dir)
+    runner = RealRunner(str(run_dir), cfg.to_dict())
+    dream = dream_frames(runner, params, steps, seed, cfg.evolve.tau)
+    real = real_frames(runner, params, steps, seed)
+    frames = side_by_side(dream, real)
+    path = run_dir / "images" / "dream_vs_real.gif"
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=50,
+                       loop=0)
+    log(f"dream-gif: {len(dream)} dream steps (left) beside {len(real)} real steps (right) "
+        f"in {path}")
+    return path

@@ -1,0 +1,98 @@
+"""The dream, evolution and evaluation on the tiny trained run (see conftest.tiny_run)."""
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from rayworld.cli import main
+from rayworld.config import load_config
+from rayworld.dream import BatchedDream, WorldModel, evaluate_population
+from rayworld.models.controller import Controller
+
+
+def test_dream_env_passes_check_env(tiny_run):
+    from envs import make_env
+
+    env = make_env("rayworld/Dream-v0", run_dir=str(tiny_run), max_steps=20)
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (32 + 64,) and obs.dtype == np.float32
+    obs2, r, term, trunc, _ = env.step(env.action_space.sample())
+    assert np.isfinite(obs2).all() and isinstance(r, float)
+
+
+def test_batched_population_matches_one_candidate_at_a_time(tiny_run):
+    world = WorldModel.load(tiny_run)
+    dream = BatchedDream(world, tau=0.0001, max_steps=15)  # tau ~ 0: nearly deterministic
+    template = Controller(world.latent, world.hidden, world.action_dim)
+    params = np.random.default_rng(0).normal(0, 0.5, (3, template.num_params))
+    together = evaluate_population(dream, template, params, rollouts=2, seed=5)
+    assert together.shape == (3,)
+    # the same candidate alone, starting from the same first latents
+    gen = torch.Generator().manual_seed(5)
+    z0, _ = dream.reset(6, gen)
+    for p in range(3):
+        alone = Controller(world.latent, world.hidden, world.action_dim)
+        alone.set_flat(params[p])
+        z, state = z0[2 * p:2 * p + 2].clone(), world.mdn.initial_state(2)
+        total = torch.zeros(2)
+        alive = torch.ones(2, dtype=torch.bool)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(15):
+            z, state, reward, done = dream.step(z, state, alone(z, state[0][0]), g)
+            total += reward * alive
+            alive &= ~done
+        assert together[p] == pytest.approx(float(total.mean()), abs=0.05)
+
+
+def test_killed_evaluator_share_is_redone(tiny_run):
+    import ray
+
+    from rayworld.evolve import EvolveWorker, _score
+
+    cfg = load_config(tiny_run / "config.yaml", ["evolve.max_steps=200"])
+    cls = ray.remote(num_cpus=0.5, max_restarts=3, max_task_retries=0)(EvolveWorker)
+    workers = [cls.options(name=f"test-dream-evaluator-{i}").remote(str(tiny_run),
+                                                                   cfg.to_dict())
+               for i in range(2)]
+    n = ray.get(workers[0].num_params.remote())
+    params = np.random.default_rng(1).normal(0, 0.1, (64, n))
+    reference = _score(workers, params, 16, seed=3, log=print)
+    logs = []
+    killer = threading.Timer(0.5, lambda: ray.kill(workers[0], no_restart=False))
+    killer.start()
+    t0 = time.time()
+    fitness = _score(workers, params, 16, seed=3, log=logs.append)
+    killer.join()
+    assert any("died" in line for line in logs), f"the kill came too late ({time.time() - t0:.1f} s)"
+    np.testing.assert_allclose(fitness, reference, rtol=1e-5)
+    for w in workers:
+        ray.kill(w)
+
+
+def test_evolve_resumes_from_saved_state(tiny_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    assert main(["evolve", "--out", str(run), "--set", "evolve.generations=7"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming after generation 6" in out and "evolve gen 7/7" in out
+    assert "evolve gen 6/7" not in out
+    state = torch.load(run / "checkpoints" / "controller.pt", weights_only=True)
+    assert state["generation"] == 7 and state["params"].numel() == (32 + 64) * 3 + 3
+
+
+def test_evaluate_without_controller_names_the_stage(ray_session, tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "rayworld evolve" in err and "no controller" in err
+
+
+def test_incompatible_latent_size_is_named(tiny_run, capsys):
+    assert main(["train-mdn", "--out", str(tiny_run), "--set", "vae.latent=16"]) == 1
+    err = capsys.readouterr().err
+    assert "latent 32" in err and "vae.latent is 16" in err
