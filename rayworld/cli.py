@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             s.add_argument("--force", action="store_true",
                            help="run every stage even if its outputs are complete")
+            s.add_argument("--iterations", type=int, default=1,
+                           help="N > 1: collect more rollouts with the evolved controller, "
+                                "retrain on all data and evolve again, N times in all")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set vae.lr=3e-4 (repeatable)")
         s.add_argument("--address", default=None,
@@ -75,6 +78,26 @@ def init_ray(cfg, address: str | None = None):
                  object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
                  include_dashboard=cfg.ray.dashboard)
     return True
+
+
+def iteration_config(cfg, it: int):
+    """Iteration `it` (from 0) of iterative training: more episodes, epochs and generations.
+
+    Counts grow with the iteration, so every stage resumes from where the last one stopped:
+    new episodes come from the evolved controller, the models train on with all data, and
+    CMA-ES goes on from its last state in the new world model.
+    """
+    if it == 0:
+        return cfg
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.collect.episodes *= it + 1
+    c.collect.policy = "controller"
+    c.vae.epochs *= it + 1
+    c.mdn.epochs *= it + 1
+    c.evolve.generations *= it + 1
+    return c
 
 
 def stage_done(stage: str, cfg, out: Path) -> bool:
@@ -155,17 +178,26 @@ def main(argv=None) -> int:
         from rayworld.summary import write_summary
 
         t0 = time.perf_counter()
-        for stage in stages:
-            if args.command == "pipeline" and not args.force and stage_done(stage, cfg, out):
-                print(f"rayworld pipeline: {stage} is complete, skipping it")
-                continue
-            kwargs = {"episodes": getattr(args, "episodes", None)} if stage == "evaluate" else {}
-            run_stage(stage, cfg, out, **kwargs)
-            if stage == "evolve":
-                from rayworld.dreamgif import dream_gif
+        iterations = getattr(args, "iterations", 1)
+        if iterations < 1:
+            raise ValueError(f"--iterations {iterations}: expected 1 or more")
+        for it in range(iterations):
+            step_cfg = iteration_config(cfg, it)
+            for stage in stages:
+                if it + 1 < iterations and stage == "evaluate":
+                    continue  # only the last iteration's controller is evaluated
+                if args.command == "pipeline" and not args.force and \
+                        stage_done(stage, step_cfg, out):
+                    print(f"rayworld pipeline: {stage} is complete, skipping it")
+                    continue
+                kwargs = {"episodes": getattr(args, "episodes", None)} \
+                    if stage == "evaluate" else {}
+                run_stage(stage, step_cfg, out, **kwargs)
+                if stage == "evolve":
+                    from rayworld.dreamgif import dream_gif
 
-                dream_gif(cfg, out)
-            write_summary(out)
+                    dream_gif(step_cfg, out)
+                write_summary(out)
         save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
         print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
               f"figures in {out / 'report.json'}")

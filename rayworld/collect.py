@@ -64,7 +64,7 @@ def make_policy(kind: str, space, seed: int, sigma: float):
         return RandomPolicy(space, rng)
     if kind == "brownian":
         return BrownianPolicy(space, rng, sigma)
-    raise ValueError(f"unknown policy {kind!r}; known: random, brownian")
+    raise ValueError(f"unknown policy {kind!r}; known: random, brownian, controller")
 
 
 # ---------------------------------------------------------------- the actor
@@ -93,16 +93,31 @@ class Collector:
     """Owns one env; runs whole episodes and writes each as one shard."""
 
     def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, policy: str, sigma: float,
-                 compression: str):
+                 compression: str, cfg_dict: dict | None = None):
         from envs import make_env
 
         self.env = make_env(env_id, **env_kwargs)
         self.env_id, self.out_dir = env_id, Path(out_dir)
         self.policy, self.sigma, self.compression = policy, sigma, compression
+        self.agent = None
+        if policy == "controller":  # the evolved controller drives (iterative training)
+            import torch
+
+            from rayworld.config import load_config
+            from rayworld.evaluate import Agent, load_controller_params
+
+            torch.set_num_threads(1)
+            run_dir = self.out_dir.parent.parent
+            self.agent = Agent(run_dir, load_config(base=cfg_dict),
+                               load_controller_params(run_dir)[0])
 
     def run(self, episode: int, seed: int, max_steps: int) -> dict:
         start = time.perf_counter()
-        policy = make_policy(self.policy, self.env.action_space, seed, self.sigma)
+        if self.agent is not None:
+            self.agent.reset()
+            policy = self.agent
+        else:
+            policy = make_policy(self.policy, self.env.action_space, seed, self.sigma)
         obs, actions, rewards, terms, truncs = run_episode(self.env, policy, seed, max_steps)
         name = shard_name(episode)
         size = write_episode(self.out_dir / name, episode, obs, actions, rewards, terms, truncs,
@@ -174,7 +189,11 @@ def check_shards(manifest: Manifest, log=print) -> int:
 
 
 def collect(cfg: Config, run_dir: Path, log=print) -> dict:
-    """Collect `cfg.collect.episodes` episodes into run_dir/data; returns the stage's figures."""
+    """Collect `cfg.collect.episodes` episodes into run_dir/data; returns the stage's figures.
+
+    Only missing episodes are collected, with `cfg.collect.policy` (iterative training sets it
+    to "controller" for the episodes it adds).
+    """
     start = time.perf_counter()
     data_dir = Path(run_dir) / "data"
     info = env_info(cfg)
@@ -194,7 +213,7 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
         actor_cls = ray.remote(num_cpus=1, max_restarts=10, max_task_retries=10)(Collector)
         actors = [actor_cls.options(name=f"collector-{i}").remote(
             cfg.env.id, cfg.env.kwargs, str(data_dir / EPISODES_DIR), c.policy,
-            c.brownian_sigma, cfg.data.compression) for i in range(n_actors)]
+            c.brownian_sigma, cfg.data.compression, cfg.to_dict()) for i in range(n_actors)]
         try:
             new_steps = _dispatch(actors, todo, manifest, c, log)
         finally:

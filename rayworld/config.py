@@ -30,7 +30,7 @@ class EnvConfig:
 class CollectConfig:
     episodes: int = 64
     max_steps: int = 300  # per episode; the env may end it earlier
-    policy: Literal["random", "brownian"] = "brownian"
+    policy: Literal["random", "brownian", "controller"] = "brownian"  # controller: the evolved one
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`

@@ -18,15 +18,15 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.n
     from rayworld.dream import BatchedDream
 
     obs, _ = runner.env.reset(seed=seed)
-    runner.controller.set_flat(np.array(params))
+    runner.agent.set_params(params)
     dream = BatchedDream(runner.world, tau, steps)
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
-    z, _ = runner.vae.encode(x)
+    z, _ = runner.agent.vae.encode(x)
     state = runner.world.mdn.initial_state(1)
     frames = []
     for _ in range(steps):
-        frames.append(_to_uint8(runner.vae.decode(z)))
+        frames.append(_to_uint8(runner.agent.vae.decode(z)))
         action = runner.controller(z, state[0][0])
         z, state, _, done = dream.step(z, state, action, gen)
         if bool(done[0]):
@@ -34,23 +34,12 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.n
     return frames
 
 
-@torch.no_grad()
 def real_frames(runner, params, steps: int, seed: int) -> list[np.ndarray]:
-    obs, _ = runner.env.reset(seed=seed)
-    runner.controller.set_flat(np.array(params))
-    state = runner.world.mdn.initial_state(1)
-    frames = []
-    for _ in range(steps):
-        frames.append(obs)
-        x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
-        z, _ = runner.vae.encode(x)
-        a = runner.controller(z, state[0][0])
-        _, state = runner.world.mdn.step(z, a.float().reshape(1, -1), state)
-        action = int(a[0]) if runner.world.discrete else a[0].numpy()
-        obs, _, terminated, truncated, _ = runner.env.step(action)
-        if terminated or truncated:
-            break
-    return frames
+    from rayworld.collect import run_episode
+
+    runner.agent.set_params(params)
+    runner.agent.reset()
+    return list(run_episode(runner.env, runner.agent, seed, steps)[0])
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -26,55 +26,70 @@ def make_controller(cfg: Config, latent: int, hidden: int, action_dim: int, disc
                       mlp_hidden=tuple(cfg.controller.mlp_hidden), discrete=discrete)
 
 
+class Agent:
+    """The World Models agent on real frames: VAE -> z, controller on [z, h], MDN-RNN -> next h.
+
+    Callable as a collection policy: `agent(obs)` returns the env action. Call `reset()` at
+    the start of every episode.
+    """
+
+    def __init__(self, run_dir, cfg: Config, params=None):
+        from rayworld.dream import WorldModel
+        from rayworld.encode import load_vae
+
+        run = Path(run_dir)
+        self.vae = load_vae(run / "checkpoints" / "vae.pt")
+        self.world = WorldModel.load(run)
+        if self.vae.latent != self.world.latent:
+            raise ValueError(f"{run / 'checkpoints' / 'vae.pt'} has latent {self.vae.latent} but "
+                             f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
+                             "re-run encode and train-mdn (or use another --out)")
+        w = self.world
+        n_out = w.action_n if w.discrete else w.action_dim
+        self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
+        if params is not None:
+            self.set_params(params)
+        self.reset()
+
+    def set_params(self, params):
+        self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+
+    def reset(self):
+        self.state = self.world.mdn.initial_state(1)
+
+    @torch.no_grad()
+    def __call__(self, obs):
+        x = torch.from_numpy(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)
+        z, _ = self.vae.encode(x)
+        a = self.controller(z, self.state[0][0])
+        _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
+        return int(a[0]) if self.world.discrete else a[0].numpy()
+
+
 class RealRunner:
-    """Owns one real env plus the VAE, MDN-RNN and a controller; runs whole episodes."""
+    """Owns one real env and an Agent; runs whole episodes."""
 
     def __init__(self, run_dir: str, cfg_dict: dict):
         from envs import make_env
         from rayworld.config import load_config
-        from rayworld.dream import WorldModel
-        from rayworld.encode import load_vae
 
         torch.set_num_threads(1)
         self.cfg = load_config(base=cfg_dict)
-        run = Path(run_dir)
-        self.vae = load_vae(run / "checkpoints" / "vae.pt")
-        self.world = WorldModel.load(run)
-        vae_latent = self.vae.latent
-        if vae_latent != self.world.latent:
-            raise ValueError(f"{run / 'checkpoints' / 'vae.pt'} has latent {vae_latent} but "
-                             f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
-                             "re-run encode and train-mdn (or use another --out)")
+        self.agent = Agent(run_dir, self.cfg)
+        self.world, self.controller = self.agent.world, self.agent.controller
         self.env = make_env(self.cfg.env.id, **self.cfg.env.kwargs)
-        w = self.world
-        n_out = w.action_n if w.discrete else w.action_dim
-        self.controller = make_controller(self.cfg, w.latent, w.hidden, n_out, w.discrete).eval()
 
-    @torch.no_grad()
     def episode(self, params, seed: int, max_steps: int) -> float:
         """Total real reward of one episode; params None runs the uniform random policy."""
-        obs, _ = self.env.reset(seed=seed)
-        space = self.env.action_space
-        rng = np.random.default_rng([seed, 11])
-        if params is not None:
-            self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
-        state = self.world.mdn.initial_state(1)
-        total = 0.0
-        for _ in range(max_steps):
-            if params is None:
-                action = (int(rng.integers(space.n)) if hasattr(space, "n")
-                          else rng.uniform(space.low, space.high).astype(np.float32))
-            else:
-                x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
-                z, _ = self.vae.encode(x)
-                a = self.controller(z, state[0][0])
-                _, state = self.world.mdn.step(z, a.float().reshape(1, -1), state)
-                action = int(a[0]) if self.world.discrete else a[0].numpy()
-            obs, reward, terminated, truncated, _ = self.env.step(action)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        return total
+        from rayworld.collect import RandomPolicy, run_episode
+
+        if params is None:
+            policy = RandomPolicy(self.env.action_space, np.random.default_rng([seed, 11]))
+        else:
+            self.agent.set_params(params)
+            self.agent.reset()
+            policy = self.agent
+        return float(run_episode(self.env, policy, seed, max_steps)[2].sum())
 
 
 def runner_pool(run_dir: Path, cfg: Config, n: int, name: str = "real-evaluator"):

@@ -96,3 +96,22 @@ def test_incompatible_latent_size_is_named(tiny_run, capsys):
     assert main(["train-mdn", "--out", str(tiny_run), "--set", "vae.latent=16"]) == 1
     err = capsys.readouterr().err
     assert "latent 32" in err and "vae.latent is 16" in err
+
+
+def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from rayworld.data import Manifest
+    from rayworld.io import read_json
+
+    run = tmp_path / "iter"
+    shutil.copytree(tiny_run, run)
+    assert main(["pipeline", "--out", str(run), "--iterations", "2"]) == 0
+    m = Manifest.load(run / "data")
+    assert sorted(m.shards) == list(range(24))
+    policies = {e: pq.read_schema(m.file(e)).metadata[b"rayworld.policy"] for e in (0, 12, 23)}
+    assert policies == {0: b"brownian", 12: b"controller", 23: b"controller"}
+    assert torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)["epoch"] == 4
+    assert torch.load(run / "checkpoints" / "controller.pt", weights_only=True)["generation"] == 12
+    assert read_json(run / "report.json")["evaluated_generation"] == 12
