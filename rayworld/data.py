@@ -135,15 +135,6 @@ def open_shard(path) -> pq.ParquetFile:
     return pf
 
 
-def shard_rows(path) -> int:
-    return open_shard(path).metadata.num_rows
-
-
-def shard_meta(path) -> dict:
-    meta = open_shard(path).schema_arrow.metadata or {}
-    return {k.decode().removeprefix("rayworld."): v.decode() for k, v in meta.items()}
-
-
 def obs_array(col: pa.Array, obs_shape) -> np.ndarray:
     """FixedSizeBinary column -> uint8 [N, H, W, C] without a per-row Python loop."""
     if isinstance(col, pa.ChunkedArray):
@@ -266,42 +257,46 @@ def stream_frames(files: list[Path], obs_shape, batch_size: int, num_batches: in
     `buffer` frames. If the files run out before `num_batches`, they are visited again.
     """
     rng = np.random.default_rng(seed)
-    pending: list[np.ndarray] = []
-    held = 0
-    emitted = 0
-    while emitted < num_batches:
+    pool = _Pool(batch_size, rng)
+    while pool.emitted < num_batches and files:
         for i in rng.permutation(len(files)):
             pf = open_shard(files[i])
             try:
                 for rb in pf.iter_batches(batch_size=ROW_GROUP, columns=["obs"]):
-                    pending.append(obs_array(rb.column(0), obs_shape))
-                    held += rb.num_rows
-                    if held < buffer:
-                        continue
-                    pool = np.concatenate(pending)
-                    pool = pool[rng.permutation(len(pool))]
-                    n_full = len(pool) // batch_size
-                    for b in range(n_full):
-                        yield pool[b * batch_size:(b + 1) * batch_size]
-                        emitted += 1
-                        if emitted == num_batches:
-                            return
-                    pending, held = [pool[n_full * batch_size:]], len(pool) - n_full * batch_size
+                    pool.add(obs_array(rb.column(0), obs_shape))
+                    if pool.held >= buffer:
+                        yield from pool.drain(num_batches)
+                    if pool.emitted == num_batches:
+                        return
             except (pa.ArrowException, OSError) as e:
                 raise ShardError(f"{files[i]}: corrupt or truncated Parquet shard ({e}); "
                                  "re-run `rayworld collect` to replace it") from None
-        if held:  # end of a pass: flush what is left, whole batches only
-            pool = np.concatenate(pending)
-            pool = pool[rng.permutation(len(pool))]
-            n_full = len(pool) // batch_size
-            for b in range(n_full):
-                yield pool[b * batch_size:(b + 1) * batch_size]
-                emitted += 1
-                if emitted == num_batches:
-                    return
-            pending, held = [pool[n_full * batch_size:]], len(pool) - n_full * batch_size
-        if not files:
+        yield from pool.drain(num_batches)  # end of a pass: whole batches only
+
+
+class _Pool:
+    """The shuffle buffer: frames pile up, then leave shuffled in whole batches."""
+
+    def __init__(self, batch_size: int, rng):
+        self.batch_size, self.rng = batch_size, rng
+        self.parts: list[np.ndarray] = []
+        self.held = self.emitted = 0
+
+    def add(self, frames: np.ndarray):
+        self.parts.append(frames)
+        self.held += len(frames)
+
+    def drain(self, limit: int):
+        if not self.held:
             return
+        pool = np.concatenate(self.parts)
+        pool = pool[self.rng.permutation(len(pool))]
+        n_full = min(len(pool) // self.batch_size, limit - self.emitted)
+        for b in range(n_full):
+            self.emitted += 1
+            yield pool[b * self.batch_size:(b + 1) * self.batch_size]
+        rest = pool[n_full * self.batch_size:]
+        self.parts, self.held = [rest], len(rest)
 
 
 def iter_frames(files: list[Path], obs_shape, batch_size: int):

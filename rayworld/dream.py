@@ -8,6 +8,7 @@ ends when the done head says so (probability > 0.5) or at max_steps.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class WorldModel:
     action_dim: int
     discrete: bool
     action_n: int
+    done_pos_weight: float = 1.0  # the done head was trained with it; undone in done_prob
 
     @property
     def latent(self) -> int:
@@ -61,7 +63,12 @@ class WorldModel:
         return cls(mdn.eval(), torch.from_numpy(np.stack(mus)),
                    torch.from_numpy(np.stack(logvars)), state["action_dim"],
                    bool(episodes.info.get("discrete", False)),
-                   int(episodes.info.get("action_n", 0)))
+                   int(episodes.info.get("action_n", 0)),
+                   float(state.get("done_pos_weight", 1.0)))
+
+    def done_prob(self, done_logit: torch.Tensor) -> torch.Tensor:
+        """P(episode ends), calibrated: a positive-class weight w shifts the logit by log w."""
+        return torch.sigmoid(done_logit - math.log(self.done_pos_weight))
 
 
 class BatchedDream:
@@ -86,7 +93,7 @@ class BatchedDream:
     def step(self, z, state, action, generator: torch.Generator):
         out, state = self.world.mdn.step(z, self.action_input(action), state)
         z_next = sample_next(out, self.tau, generator)
-        done = torch.sigmoid(out.done_logit) > 0.5
+        done = self.world.done_prob(out.done_logit) > 0.5
         return z_next, state, out.reward, done
 
     @torch.no_grad()

@@ -67,17 +67,10 @@ def _save_state(path: Path, data: dict):
         tmp.write_bytes(pickle.dumps(data))
 
 
-def _plot(history: dict, path: Path):
-    from rayworld.images import save_curves
-
-    save_curves({k: history[k] for k in ("dream_best", "dream_mean", "dream_worst")
-                 if history.get(k)} | {k: history[k] for k in ("real_best", "real_mean")
-                                       if history.get(k)}, path, "evolution: dream vs real")
-
-
 def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     import cma
 
+    from rayworld.images import save_dream_vs_real
     from rayworld.train.common import tb_writer
 
     start = time.perf_counter()
@@ -137,7 +130,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                             "generation": gen + 1, "kind": cfg.controller.kind}, tmp)
             _save_state(state_path, {"es": es, "generation": gen + 1, "history": hist,
                                      "num_params": num_params})
-            _plot(hist, run_dir / "images" / "evolve_curves.png")
+            save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png")
     finally:
         writer.close()
         for w in workers:

@@ -115,3 +115,13 @@ def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
     assert torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)["epoch"] == 4
     assert torch.load(run / "checkpoints" / "controller.pt", weights_only=True)["generation"] == 12
     assert read_json(run / "report.json")["evaluated_generation"] == 12
+
+
+def test_done_probability_undoes_the_positive_weight():
+    from rayworld.models.mdn import MDNRNN
+
+    world = WorldModel(MDNRNN(4, 3, 8, 2), torch.zeros(1, 4), torch.zeros(1, 4), 3, False, 0,
+                       done_pos_weight=10.0)
+    logits = torch.tensor([0.0, float(np.log(10.0)), 5.0])
+    np.testing.assert_allclose(world.done_prob(logits).numpy(), [1 / 11, 0.5, 1 / (1 + 10 * np.exp(-5))],
+                               rtol=1e-5)

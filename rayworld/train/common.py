@@ -7,7 +7,6 @@ absolute paths (Ray Train changes the working directory).
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -144,10 +143,16 @@ def tb_writer(run_dir: Path, name: str):
     return SummaryWriter(str(Path(run_dir) / "tensorboard" / name))
 
 
-def set_threads(cfg: Config):
+def worker_setup(config: dict):
+    """Inside a Train worker: (cfg, run_dir, rank, world_size, device)."""
+    import ray.train
+    import ray.train.torch
+
+    from rayworld.config import load_config
+
+    cfg = load_config(base=config["cfg"])
     # Ray Train sets OMP_NUM_THREADS=1; give torch the CPUs this worker reserved.
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-
-
-def clean_dir(path: Path):
-    shutil.rmtree(path, ignore_errors=True)
+    ctx = ray.train.get_context()
+    return (cfg, Path(config["run_dir"]), ctx.get_world_rank(), ctx.get_world_size(),
+            ray.train.torch.get_device())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rayworld.config import Config, load_config
+from rayworld.config import Config
 from rayworld.data import (
     Manifest,
     prefetch,
@@ -57,12 +57,7 @@ def train_loop(config: dict):
     from rayworld.images import save_curves
     from rayworld.models.mdn import MDNRNN
 
-    cfg = load_config(base=config["cfg"])
-    run_dir = Path(config["run_dir"])
-    common.set_threads(cfg)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    cfg, run_dir, rank, world, device = common.worker_setup(config)
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     train_eps, val_eps, steps = plan(series, cfg, world)
     mine = rank_share(train_eps, rank, world)
@@ -176,7 +171,8 @@ def train_mdn(cfg: Config, run_dir: Path, log=print) -> dict:
     result = common.fit(train_loop, cfg, run_dir, "mdn", {"action_dim": action_dim})
     state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
         "latent": cfg.vae.latent, "action_dim": action_dim, "hidden": cfg.mdn.hidden,
-        "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae")})
+        "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae"),
+        "done_pos_weight": cfg.mdn.done_pos_weight})
     hist = state["history"]
     figures = {"mdn_epochs": state["epoch"], "mdn_nll": hist["val_nll"][-1],
                "mdn_train_nll": hist["nll"][-1], "mdn_reward_mse": hist["val_reward_mse"][-1],

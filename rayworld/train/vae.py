@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rayworld.config import Config, load_config
+from rayworld.config import Config
 from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
 from rayworld.train import common
 
@@ -66,12 +66,7 @@ def train_loop(config: dict):
     from rayworld.images import save_curves, save_recon_grid
     from rayworld.models.vae import ConvVAE, kl_beta, vae_loss
 
-    cfg = load_config(base=config["cfg"])
-    run_dir = Path(config["run_dir"])
-    common.set_threads(cfg)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    cfg, run_dir, rank, world, device = common.worker_setup(config)
     manifest = Manifest.load(run_dir / "data")
     obs_shape = tuple(manifest.info["obs_shape"])
     train_eps, val_eps, steps = plan(manifest, cfg, world)
