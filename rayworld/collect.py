@@ -211,7 +211,7 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
         n_actors = c.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
         n_actors = min(n_actors, len(todo))
         actor_cls = ray.remote(num_cpus=1, max_restarts=10, max_task_retries=10)(Collector)
-        actors = [actor_cls.options(name=f"collector-{i}").remote(
+        actors = [actor_cls.options(name=f"collector-{i}", scheduling_strategy="SPREAD").remote(
             cfg.env.id, cfg.env.kwargs, str(data_dir / EPISODES_DIR), c.policy,
             c.brownian_sigma, cfg.data.compression, cfg.to_dict()) for i in range(n_actors)]
         try:

@@ -94,7 +94,8 @@ class RealRunner:
 
 def runner_pool(run_dir: Path, cfg: Config, n: int, name: str = "real-evaluator"):
     cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(RealRunner)
-    return [cls.options(name=f"{name}-{i}").remote(str(run_dir), cfg.to_dict()) for i in range(n)]
+    return [cls.options(name=f"{name}-{i}", scheduling_strategy="SPREAD").remote(
+        str(run_dir), cfg.to_dict()) for i in range(n)]
 
 
 def run_episodes(runners, params, seeds, max_steps: int, desc: str | None = None) -> np.ndarray:

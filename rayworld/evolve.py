@@ -80,8 +80,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     state_path = ckpt / STATE
     n_workers = e.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
     cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=0)(EvolveWorker)
-    workers = [cls.options(name=f"dream-evaluator-{i}").remote(str(run_dir), cfg.to_dict())
-               for i in range(n_workers)]
+    workers = [cls.options(name=f"dream-evaluator-{i}", scheduling_strategy="SPREAD")
+               .remote(str(run_dir), cfg.to_dict()) for i in range(n_workers)]
     num_params = ray.get(workers[0].num_params.remote())
     if state_path.exists():
         saved = pickle.loads(state_path.read_bytes())  # our own file, written below
