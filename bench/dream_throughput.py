@@ -33,7 +33,7 @@ def world_model(run: str | None) -> WorldModel:
 def dream_rate(world, population: int, rollouts: int, steps: int) -> float:
     dream = BatchedDream(world, tau=1.0, max_steps=steps)
     dream.step = _never_done(dream.step)  # time full-length rollouts
-    template = Controller(world.latent, world.hidden, world.action_dim)
+    template = Controller(world.latent, world.hidden, world.action_dim).to(world.device)
     params = np.random.default_rng(0).normal(0, 0.1, (population, template.num_params))
     t0 = time.perf_counter()
     evaluate_population(dream, template, params, rollouts, seed=0)
@@ -73,13 +73,15 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--real-seconds", type=float, default=10.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    world = world_model(args.run)
+    world = world_model(args.run).to(args.device)
     batched = dream_rate(world, args.population, args.rollouts, args.steps)
     single = dream_rate(world, 1, 1, args.steps * 4)
     real = real_rate(args.real_seconds, args.threads)
     b = args.population * args.rollouts
+    print(f"device {args.device}, {args.threads} CPU threads")
     print(f"dream, {b} rollouts batched : {batched:10.0f} steps/s")
     print(f"dream, one rollout at a time : {single:10.0f} steps/s")
     print(f"real CarRacing-v3, {args.threads} procs  : {real:10.0f} steps/s")

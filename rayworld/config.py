@@ -86,6 +86,7 @@ class EvolveConfig:
     num_actors: int = 0  # dream evaluators; 0: one per CPU
     real_every: int = 5  # score the best candidate and the mean in the real env every K gens
     real_episodes: int = 4  # 0 turns real scoring off
+    gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _validate(cfg: Config):
         "evolve.population": cfg.evolve.population, "evolve.rollouts": cfg.evolve.rollouts,
         "evolve.sigma0": cfg.evolve.sigma0, "evolve.generations": cfg.evolve.generations,
         "evolve.tau": cfg.evolve.tau, "evolve.max_steps": cfg.evolve.max_steps,
-        "evolve.real_every": cfg.evolve.real_every, "evaluate.episodes": cfg.evaluate.episodes,
+        "evolve.real_every": cfg.evolve.real_every,
+        "evolve.gpus_per_actor": cfg.evolve.gpus_per_actor, "evaluate.episodes": cfg.evaluate.episodes,
         "evaluate.max_steps": cfg.evaluate.max_steps,
     }
     for key, value in positive.items():

@@ -44,6 +44,16 @@ class WorldModel:
     def hidden(self) -> int:
         return self.mdn.hidden
 
+    @property
+    def device(self) -> torch.device:
+        return self.z0_mu.device
+
+    def to(self, device) -> WorldModel:
+        """A copy on `device` (e.g. "cuda"): dreams then run where the model is."""
+        return WorldModel(copy.deepcopy(self.mdn).to(device), self.z0_mu.to(device),
+                          self.z0_logvar.to(device), self.action_dim, self.discrete,
+                          self.action_n, self.done_pos_weight)
+
     @classmethod
     def load(cls, run_dir: Path) -> WorldModel:
         from rayworld.data import read_series
@@ -80,8 +90,8 @@ class BatchedDream:
     @torch.no_grad()
     def reset(self, batch: int, generator: torch.Generator):
         w = self.world
-        idx = torch.randint(len(w.z0_mu), (batch,), generator=generator)
-        eps = torch.randn(batch, w.latent, generator=generator)
+        idx = torch.randint(len(w.z0_mu), (batch,), generator=generator, device=w.device)
+        eps = torch.randn(batch, w.latent, generator=generator, device=w.device)
         z = w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
         return z, w.mdn.initial_state(batch)
 
@@ -99,10 +109,10 @@ class BatchedDream:
     @torch.no_grad()
     def rollout(self, policy, batch: int, seed: int) -> torch.Tensor:
         """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A]."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=self.world.device).manual_seed(seed)
         z, state = self.reset(batch, gen)
-        total = torch.zeros(batch)
-        alive = torch.ones(batch, dtype=torch.bool)
+        total = torch.zeros(batch, device=z.device)
+        alive = torch.ones(batch, dtype=torch.bool, device=z.device)
         for _ in range(self.max_steps):
             action = policy(z, state[0][0])
             z, state, reward, done = self.step(z, state, action, gen)
@@ -143,7 +153,7 @@ def evaluate_population(dream: BatchedDream, template: Controller, flat_params: 
     """Mean dream return per candidate, all candidates x rollouts in one batch."""
     pop = Population(template, flat_params, rollouts)
     returns = dream.rollout(pop, pop.size * rollouts, seed)
-    return returns.reshape(pop.size, rollouts).mean(1).double().numpy()
+    return returns.reshape(pop.size, rollouts).mean(1).double().cpu().numpy()
 
 
 class DreamEnv(gym.Env):

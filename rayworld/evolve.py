@@ -9,6 +9,7 @@ re-running the same run directory resumes from the last one.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import time
 from pathlib import Path
@@ -32,7 +33,10 @@ class EvolveWorker(RealRunner):
 
         super().__init__(run_dir, cfg_dict)
         e = self.cfg.evolve
-        self.dream = BatchedDream(self.world, e.tau, e.max_steps)
+        # The dream runs on the GPU when Ray gave this actor one; real episodes stay on CPU.
+        device = "cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps)
+        self.dream_template = copy.deepcopy(self.controller).to(device)
 
     def num_params(self) -> int:
         return self.controller.num_params
@@ -40,7 +44,7 @@ class EvolveWorker(RealRunner):
     def dream_returns(self, params: np.ndarray, rollouts: int, seed: int) -> np.ndarray:
         from rayworld.dream import evaluate_population
 
-        return evaluate_population(self.dream, self.controller, params, rollouts, seed)
+        return evaluate_population(self.dream, self.dream_template, params, rollouts, seed)
 
 
 def _score(workers, params: np.ndarray, rollouts: int, seed: int, log) -> np.ndarray:
@@ -79,7 +83,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     ckpt = run_dir / "checkpoints"
     state_path = ckpt / STATE
     n_workers = e.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
-    cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=0)(EvolveWorker)
+    gpus = e.gpus_per_actor if cfg.ray.use_gpu else 0
+    cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=0)(EvolveWorker)
     workers = [cls.options(name=f"dream-evaluator-{i}", scheduling_strategy="SPREAD")
                .remote(str(run_dir), cfg.to_dict()) for i in range(n_workers)]
     num_params = ray.get(workers[0].num_params.remote())
