@@ -112,3 +112,86 @@ def test_carracing_crop_and_resize():
     frame[84:] = 255  # the dashboard rows must not show up
     out = to_64(frame)
     assert out.shape == (64, 64, 3) and out.max() == 0
+
+
+# ---- SimpleDriving details: reward scale, pixels, pickling, lazy imports ----
+
+
+def test_simple_driving_check_env_with_render_no_warnings():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # via gymnasium.make so the env has a spec: check_env then also tries other render modes
+        env = gym.make("rayworld/SimpleDriving-v0", render_mode="rgb_array").unwrapped
+        check_env(env)
+    assert [str(w.message) for w in caught] == []
+    assert np.array_equal(env.render(), env.step(env.action_space.sample())[0])
+
+
+def test_simple_driving_seed_picks_the_track():
+    env = envs.SimpleDrivingEnv()
+    env.reset(seed=1)
+    t1 = env.centreline
+    env.reset(seed=2)
+    assert t1.shape != env.centreline.shape or not np.allclose(t1, env.centreline)
+    env.reset(seed=1)
+    np.testing.assert_array_equal(env.centreline, t1)
+
+
+def test_a_lap_is_worth_100():
+    env = envs.SimpleDrivingEnv()
+    _, info = env.reset(seed=5)
+    total, steps = 0.0, 0
+    while info["progress"] < 1.0:  # steer on the heading error and lateral offset
+        steer = np.clip(-2.0 * info["heading_error"] - 0.1 * info["lateral"], -1, 1)
+        _, r, term, trunc, info = env.step(np.array([steer, 0.5, 0.0], np.float32))
+        total, steps = total + r, steps + 1
+        assert not (term or trunc)
+    assert total == pytest.approx(100 * info["progress"] - 0.01 * steps, abs=1e-6)
+    assert 600 < steps < 1000  # ~1,700-unit lap at speed ~2 units/step
+
+
+def test_driving_backwards_is_negative():
+    env = envs.SimpleDrivingEnv(step_cost=0.0)
+    env.reset(seed=6)
+    env._heading += np.pi  # no reverse gear: turn the car around in place
+    rewards = [env.step(np.array([0.0, 1.0, 0.0], np.float32))[1] for _ in range(20)]
+    assert sum(rewards) < -0.5 and max(rewards) <= 1e-9
+
+
+def test_speed_is_visible_in_pixels():
+    env = envs.SimpleDrivingEnv()
+    still, _ = env.reset(seed=0)
+    for _ in range(30):
+        moving, *_ = env.step(np.array([0.0, 1.0, 0.0], np.float32))
+    assert still[61:63].max() == 0  # parked: empty speed bar
+    assert (moving[61:63] == 255).all(-1).sum() > 20  # moving: white bar
+    assert (moving[45:52, 30:34] == [204, 0, 0]).all(-1).sum() > 20  # the red car
+
+
+def test_simple_driving_pickles_small_and_resumes_identically():
+    import pickle
+
+    env = envs.SimpleDrivingEnv()
+    env.reset(seed=8)
+    env.step(np.array([0.0, 1.0, 0.0], np.float32))
+    data = pickle.dumps(env)
+    assert len(data) < 1_000_000  # the raster and view tables are rebuilt, not shipped
+    clone = pickle.loads(data)
+    for _ in range(20):
+        a, b = (e.step(np.array([0.2, 1.0, 0.0], np.float32)) for e in (env, clone))
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1:4] == b[1:4]
+
+
+def test_import_envs_needs_no_optional_modules():
+    import subprocess
+
+    code = ("import sys; sys.modules['ale_py'] = None\n"
+            "import envs, gymnasium\n"
+            "assert 'Box2D' not in sys.modules and 'torch' not in sys.modules\n"
+            "print(gymnasium.make('rayworld/SimpleDriving-v0').reset(seed=0)[0].shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(64, 64, 3)"
