@@ -322,6 +322,12 @@ def read_series(path) -> dict:
     }
 
 
+def first_latents(path) -> tuple[np.ndarray, np.ndarray]:
+    """mu and logvar of an encoded episode's first frame; reads one row group, not the file."""
+    table = open_shard(path).read_row_group(0, columns=["mu", "logvar"]).slice(0, 1)
+    return list_array(table.column("mu"))[0], list_array(table.column("logvar"))[0]
+
+
 def windows_per_episode(steps: int, seq_len: int) -> int:
     return max(1, steps // seq_len)
 

@@ -56,7 +56,7 @@ class WorldModel:
 
     @classmethod
     def load(cls, run_dir: Path) -> WorldModel:
-        from rayworld.data import read_series
+        from rayworld.data import first_latents
 
         run_dir = Path(run_dir)
         state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
@@ -66,10 +66,10 @@ class WorldModel:
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
         mus, logvars = [], []
-        for e in sorted(series.shards):
-            ep = read_series(series.file(e))
-            mus.append(ep["mu"][0])
-            logvars.append(ep["logvar"][0])
+        for e in sorted(series.shards):  # every actor does this at start-up: keep it light
+            mu, logvar = first_latents(series.file(e))
+            mus.append(mu)
+            logvars.append(logvar)
         return cls(mdn.eval(), torch.from_numpy(np.stack(mus)),
                    torch.from_numpy(np.stack(logvars)), state["action_dim"],
                    bool(episodes.info.get("discrete", False)),

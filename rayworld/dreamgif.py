@@ -21,8 +21,7 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.n
     runner.agent.set_params(params)
     dream = BatchedDream(runner.world, tau, steps)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(obs).permute(2, 0, 1)[None].float().div_(255.0)
-    z, _ = runner.agent.vae.encode(x)
+    z = runner.agent.encode(obs)
     state = runner.world.mdn.initial_state(1)
     frames = []
     for _ in range(steps):

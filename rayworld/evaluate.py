@@ -58,9 +58,14 @@ class Agent:
         self.state = self.world.mdn.initial_state(1)
 
     @torch.no_grad()
-    def __call__(self, obs):
+    def encode(self, obs) -> torch.Tensor:
+        """One HxWxC uint8 frame -> z [1, Z] (the VAE's mean)."""
         x = torch.from_numpy(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)
-        z, _ = self.vae.encode(x)
+        return self.vae.encode(x)[0]
+
+    @torch.no_grad()
+    def __call__(self, obs):
+        z = self.encode(obs)
         a = self.controller(z, self.state[0][0])
         _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
         return int(a[0]) if self.world.discrete else a[0].numpy()

@@ -137,3 +137,16 @@ def test_manifest_round_trip(tmp_path):
 def test_schema_has_required_columns():
     names = episode_schema((64, 64, 3), 3, {}).names
     assert {"episode", "step", "obs", "action", "reward", "terminated", "truncated"} <= set(names)
+
+
+def test_first_latents_match_the_first_row(tmp_path):
+    from rayworld.data import first_latents
+
+    n, z = 600, 4  # more than one row group
+    mu = np.random.default_rng(0).normal(size=(n, z)).astype(np.float32)
+    path = tmp_path / "s.parquet"
+    write_series(path, 0, mu, mu * 2, np.zeros((n, 3)), np.zeros(n), np.zeros(n, bool),
+                 np.zeros(n, bool), meta={})
+    m0, lv0 = first_latents(path)
+    np.testing.assert_array_equal(m0, mu[0])
+    np.testing.assert_array_equal(lv0, mu[0] * 2)
