@@ -50,9 +50,16 @@ class VAEConfig:
     kl_tolerance: float = 0.5  # free bits: KL below kl_tolerance * latent is not penalised
     kl_warmup_steps: int = 0
     lr: float = 1e-3
-    batch_size: int = 64
+    encoder_lr: float = 0.0  # 0: lr
+    decoder_lr: float = 0.0  # 0: lr
+    batch_size: int = 64  # per worker and micro-batch
     epochs: int = 10
-    grad_clip: float = 0.0  # 0: off
+    grad_clip: float = 0.0  # max global grad norm; 0: off
+    grad_accum: int = 1  # micro-batches per optimiser step
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast; fp16 adds a GradScaler
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0  # linear lr warmup, in optimiser steps
+    min_lr: float = 0.0  # where the cosine schedule ends
 
 
 @dataclass
@@ -60,13 +67,20 @@ class MDNConfig:
     hidden: int = 256
     mixtures: int = 5
     seq_len: int = 32
-    batch_size: int = 32
+    batch_size: int = 32  # per worker and micro-batch
     epochs: int = 20
     lr: float = 1e-3
+    dynamics_lr: float = 0.0  # the LSTM; 0: lr
+    head_lr: float = 0.0  # the mixture, reward and done heads; 0: lr
     reward_weight: float = 1.0
     done_weight: float = 1.0
     done_pos_weight: float = 10.0  # episode ends are rare: weigh them up
     grad_clip: float = 1.0
+    grad_accum: int = 1
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
 
 
 @dataclass
@@ -105,6 +119,7 @@ class RayConfig:
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    max_failures: int = 2  # Ray Train restarts from the last checkpoint after a worker dies
 
 
 @dataclass
@@ -186,6 +201,7 @@ def _validate(cfg: Config):
         "mdn.hidden": cfg.mdn.hidden, "mdn.mixtures": cfg.mdn.mixtures,
         "mdn.seq_len": cfg.mdn.seq_len, "mdn.batch_size": cfg.mdn.batch_size,
         "mdn.epochs": cfg.mdn.epochs, "mdn.lr": cfg.mdn.lr,
+        "vae.grad_accum": cfg.vae.grad_accum, "mdn.grad_accum": cfg.mdn.grad_accum,
         "ray.num_workers": cfg.ray.num_workers, "ray.cpus_per_worker": cfg.ray.cpus_per_worker,
         "data.val_every": cfg.data.val_every, "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "evolve.population": cfg.evolve.population, "evolve.rollouts": cfg.evolve.rollouts,
@@ -199,10 +215,16 @@ def _validate(cfg: Config):
         if value <= 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value > 0")
     for key, value in {"collect.num_actors": cfg.collect.num_actors,
-                       "ray.num_cpus": cfg.ray.num_cpus, "vae.beta": cfg.vae.beta,
+                       "ray.num_cpus": cfg.ray.num_cpus, "ray.max_failures": cfg.ray.max_failures,
+                       "vae.beta": cfg.vae.beta,
                        "evolve.num_actors": cfg.evolve.num_actors,
                        "evolve.real_episodes": cfg.evolve.real_episodes,
-                       "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps}.items():
+                       "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps,
+                       **{f"{m}.{k}": getattr(getattr(cfg, m), k) for m, keys in
+                          {"vae": ("encoder_lr", "decoder_lr", "grad_clip", "warmup_steps",
+                                   "min_lr"),
+                           "mdn": ("dynamics_lr", "head_lr", "grad_clip", "warmup_steps",
+                                   "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
     if cfg.data.val_every < 2:

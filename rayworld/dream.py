@@ -156,6 +156,16 @@ def evaluate_population(dream: BatchedDream, template: Controller, flat_params: 
     return returns.reshape(pop.size, rollouts).mean(1).double().cpu().numpy()
 
 
+def dream_spaces(world: WorldModel) -> tuple[gym.spaces.Box, gym.spaces.Space]:
+    """One dream step's spaces: obs [z, h] (float32) and the real env's actions."""
+    size = world.latent + world.hidden
+    obs = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+    if world.discrete:
+        return obs, gym.spaces.Discrete(world.action_n)
+    return obs, gym.spaces.Box(np.array([-1, 0, 0], np.float32)[:world.action_dim],
+                               np.ones(world.action_dim, np.float32))
+
+
 class DreamEnv(gym.Env):
     """One dream rollout as a gymnasium env: obs = [z, h] (float32), the real env's actions."""
 
@@ -164,13 +174,7 @@ class DreamEnv(gym.Env):
     def __init__(self, run_dir: str, tau: float = 1.0, max_steps: int = 1000):
         world = WorldModel.load(Path(run_dir))
         self.dream = BatchedDream(world, tau, max_steps)
-        size = world.latent + world.hidden
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        if world.discrete:
-            self.action_space = gym.spaces.Discrete(world.action_n)
-        else:
-            self.action_space = gym.spaces.Box(np.array([-1, 0, 0], np.float32)[:world.action_dim],
-                                               np.ones(world.action_dim, np.float32))
+        self.observation_space, self.action_space = dream_spaces(world)
         self._gen = torch.Generator()
 
     def _obs(self):
@@ -189,3 +193,59 @@ class DreamEnv(gym.Env):
         self._t += 1
         truncated = self._t >= self.dream.max_steps and not bool(done[0])
         return self._obs(), float(reward[0]), bool(done[0]), truncated, {}
+
+
+class DreamVectorEnv(gym.vector.VectorEnv):
+    """N DreamEnvs stepped together in one MDN-RNN forward pass (what RLlib samples from).
+
+    Stepping one dream at a time costs about 1 ms, nearly all of it per-call overhead, so N
+    rollouts in one batch cost about as much as one. Gymnasium's next-step autoreset: the step
+    after a sub-env ends returns its new first observation with reward 0 and ignores its
+    action. All noise comes from one torch generator seeded from the env's np_random, so a
+    seed fixes every rollout.
+    """
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, run_dir: str, num_envs: int = 8, tau: float = 1.0, max_steps: int = 1000):
+        world = WorldModel.load(Path(run_dir))
+        self.dream = BatchedDream(world, tau, max_steps)
+        self.num_envs = num_envs
+        self.single_observation_space, self.single_action_space = dream_spaces(world)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space,
+                                                              num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+        self._gen = torch.Generator()
+
+    def _obs(self) -> np.ndarray:
+        return torch.cat([self._z, self._state[0][0]], dim=1).numpy().astype(np.float32)
+
+    def _restart(self, rows: torch.Tensor):
+        """New dreams in `rows`: fresh first latents and a zero LSTM state."""
+        z, _ = self.dream.reset(len(rows), self._gen)
+        self._z[rows] = z
+        for s in self._state:
+            s[:, rows] = 0.0
+        self._t[rows] = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._gen.manual_seed(int(self.np_random.integers(2**31)))
+        self._z, self._state = self.dream.reset(self.num_envs, self._gen)
+        self._t = torch.zeros(self.num_envs, dtype=torch.long)
+        self._ended = torch.zeros(self.num_envs, dtype=torch.bool)
+        return self._obs(), {}
+
+    def step(self, actions):
+        a = torch.as_tensor(np.asarray(actions, np.float32)).reshape(self.num_envs, -1)
+        self._z, self._state, reward, done = self.dream.step(self._z, self._state, a, self._gen)
+        self._t += 1
+        terminated = done.clone()
+        truncated = (self._t >= self.dream.max_steps) & ~done
+        restart = self._ended.nonzero().flatten()
+        if len(restart):  # these ended last step: this step is their reset
+            self._restart(restart)
+            reward[restart], terminated[restart], truncated[restart] = 0.0, False, False
+        self._ended = terminated | truncated
+        return (self._obs(), reward.numpy().astype(np.float32), terminated.numpy(),
+                truncated.numpy(), {})

@@ -41,12 +41,23 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None):
         run_config=RunConfig(
             name=name, storage_path=str(run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0)),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
+    marker = stop_marker(run_dir, name)
+    marker.unlink(missing_ok=True)
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainError(_root_message(e, name)) from None
+    if marker.exists():  # the workers stopped on purpose; retrying would not help
+        msg = marker.read_text().strip()
+        marker.unlink()
+        raise NonFiniteLoss(msg)
+    return result
+
+
+def stop_marker(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{name}.stopped"
 
 
 def _root_message(err: BaseException, name: str) -> str:
@@ -77,6 +88,15 @@ def load_state(checkpoint) -> dict | None:
         return torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
 
 
+def load_stepper(stepper, state: dict, log_stage: str | None):
+    """Restore optimiser moments; a checkpoint with other lr groups keeps only the weights."""
+    try:
+        stepper.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        if log_stage:
+            print(f"{log_stage}: optimiser state not restored ({e}); moments start fresh")
+
+
 def report(metrics: dict, state: dict | None):
     """Report metrics from every rank; rank 0 also hands Ray a checkpoint of `state`."""
     import ray.train
@@ -90,13 +110,33 @@ def report(metrics: dict, state: dict | None):
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
 
-def check_finite(losses: dict, stage: str, epoch: int, step: int, last_ckpt: str):
+def nonfinite(losses: dict, stage: str, epoch: int, step: int, run_dir: Path) -> str | None:
+    """A one-line message if any loss is NaN or Inf, else None."""
     for key, value in losses.items():
         v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
-            raise NonFiniteLoss(
-                f"{stage} {key} became {v} at epoch {epoch + 1} step {step}; training stopped, "
-                f"last good checkpoint kept: {last_ckpt} (try a lower lr or grad_clip)")
+            return (f"{stage} {key} became {v} at epoch {epoch + 1} step {step}; training "
+                    f"stopped, last good checkpoint kept: {last_checkpoint_dir(run_dir, stage)} "
+                    f"(try a lower lr, grad_clip or amp=off)")
+    return None
+
+
+def stop_all_ranks(msg: str | None, run_dir: Path, stage: str, device) -> bool:
+    """True on every rank when any rank has a message; that rank leaves it for the driver.
+
+    The ranks stop together (no half-done all-reduce) and return normally, so Ray Train does
+    not retry a run that would fail the same way again.
+    """
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if msg is None else 1.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if msg is not None:
+        from rayworld.io import atomic_write_text
+
+        atomic_write_text(stop_marker(run_dir, stage), msg)
+    return bool(flag.item() > 0)
 
 
 def allreduce_sum(values: dict[str, float], device) -> dict[str, float]:
@@ -109,6 +149,17 @@ def allreduce_sum(values: dict[str, float], device) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def gather_lists(items: list[int], device, world: int) -> list[list[int]]:
+    """Every rank's list of ints, in rank order (all ranks must call this)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [list(items)]
+    out = [None] * world
+    dist.all_gather_object(out, list(items))
+    return out
 
 
 def unwrap(model):
@@ -132,7 +183,15 @@ def load_model_file(path: Path, stage: str) -> dict:
 
 
 def last_checkpoint_dir(run_dir: Path, name: str) -> str:
+    """The newest checkpoint Ray Train committed (a killed upload leaves a partial folder)."""
+    import json
+
     root = Path(run_dir) / "checkpoints" / name
+    try:
+        snap = json.loads((root / "checkpoint_manager_snapshot.json").read_text())
+        return str(root / snap["latest_checkpoint_result"]["checkpoint_dir_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     found = sorted(p for p in root.glob("checkpoint_*") if p.is_dir()) if root.exists() else []
     return str(found[-1]) if found else "none yet"
 

@@ -25,11 +25,12 @@ def plan(series: Manifest, cfg: Config, world: int):
     m = cfg.mdn
     per_rank = [sum(windows_per_episode(series.shards[e]["steps"], m.seq_len)
                     for e in rank_share(train_eps, r, world)) for r in range(world)]
-    steps = min(per_rank) // m.batch_size
+    steps = min(per_rank) // m.batch_size // m.grad_accum * m.grad_accum
     if steps == 0:
         raise common.TrainError(
             f"mdn: too few training windows per worker ({min(per_rank)}) for batch_size "
-            f"{m.batch_size}; collect more episodes or lower mdn.batch_size / mdn.seq_len")
+            f"{m.batch_size} x grad_accum {m.grad_accum}; collect more episodes or lower "
+            f"mdn.batch_size / mdn.seq_len")
     return train_eps, val_eps, steps
 
 
@@ -40,11 +41,22 @@ def _batch_to(batch: dict, device, gen: torch.Generator):
     return z[:, :-1], z[:, 1:], t
 
 
+# Optimiser groups: the recurrent dynamics and the output heads.
+GROUPS = {"dynamics": ("lstm",), "heads": ("mdn_head", "reward_head", "done_head")}
+
+
+def rank_episodes(series: Manifest, cfg: Config, rank: int, world: int):
+    """(train, val) episode ids this DDP rank reads; no two ranks share an episode."""
+    train_eps, val_eps, _ = plan(series, cfg, world)
+    return rank_share(train_eps, rank, world), rank_share(val_eps, rank, world)
+
+
 def _losses(model, batch, device, gen, m):
     from rayworld.models.mdn import mdn_loss
 
     z_in, z_next, t = _batch_to(batch, device, gen)
     out, _ = model(z_in, t["action"])
+    out = type(out)(*(o.float() for o in out))  # the loss in float32 under AMP
     return mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
                     reward_weight=m.reward_weight, done_weight=m.done_weight,
                     done_pos_weight=m.done_pos_weight), t
@@ -56,30 +68,33 @@ def train_loop(config: dict):
 
     from rayworld.images import save_curves
     from rayworld.models.mdn import MDNRNN
+    from rayworld.train.optim import Stepper, param_groups
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
-    train_eps, val_eps, steps = plan(series, cfg, world)
-    mine = rank_share(train_eps, rank, world)
-    my_val = rank_share(val_eps, rank, world)
+    _, _, steps = plan(series, cfg, world)
+    mine, my_val = rank_episodes(series, cfg, rank, world)
     m = cfg.mdn
     action_dim = int(config["action_dim"])
 
     torch.manual_seed(cfg.seed)
     model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
-                   mixtures=m.mixtures)
-    opt = torch.optim.Adam(model.parameters(), lr=m.lr)
+                   mixtures=m.mixtures).to(device)
     state = common.load_state(ray.train.get_checkpoint())
-    start_epoch, history = 0, {}
+    start_epoch, history, resumed = 0, {}, []
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        for group in opt.param_groups:  # the config's lr wins over the saved one
-            group["lr"] = m.lr
         start_epoch, history = state["epoch"], state["history"]
+        resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
             print(f"mdn: resuming after epoch {start_epoch}")
     model = ray.train.torch.prepare_model(model)
+    groups = param_groups(common.unwrap(model), GROUPS,
+                          {"dynamics": m.dynamics_lr, "heads": m.head_lr}, m.lr)
+    stepper = Stepper(model, groups, m, m.epochs * steps // m.grad_accum, device)
+    if state is not None:
+        common.load_stepper(stepper, state, "mdn" if rank == 0 else None)
+    shards = common.gather_lists(mine, device, world)
     writer = common.tb_writer(run_dir, "mdn") if rank == 0 else None
     keys = ("loss", "nll", "reward_mse", "done_bce", "done_acc")
     last = {}
@@ -91,17 +106,19 @@ def train_loop(config: dict):
                                  [series.shards[e]["steps"] for e in mine], m.seq_len,
                                  m.batch_size, steps, cfg.data.shuffle_buffer,
                                  seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
+        stopped = False
         for i, batch in enumerate(prefetch(batches)):
-            losses, _ = _losses(model, batch, device, gen, m)
-            common.check_finite(losses, "mdn", epoch, i,
-                                common.last_checkpoint_dir(run_dir, "mdn"))
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if m.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
-            opt.step()
+            with stepper.micro_batch():
+                losses, _ = _losses(model, batch, device, gen, m)
+                msg = common.nonfinite(losses, "mdn", epoch, i, run_dir)
+                if common.stop_all_ranks(msg, run_dir, "mdn", device):
+                    stopped = True
+                    break
+                stepper.backward(losses["loss"])
             for k in keys:
                 sums[k] += float(losses[k])
+        if stopped:
+            break
         train_s = time.perf_counter() - t0
         sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val = _validate(model, series, my_val, m, device, cfg.seed)
@@ -109,7 +126,8 @@ def train_loop(config: dict):
         n = max(val.pop("n"), 1.0)
         metrics = {"epoch": epoch + 1, **{k: sums[k] / steps for k in keys},
                    **{f"val_{k}": val[k] / n for k in keys},
-                   "sequences_per_s": steps * m.batch_size * world / train_s}
+                   "sequences_per_s": steps * m.batch_size * world / train_s,
+                   **{f"lr_{k}": lr for k, lr in stepper.lrs.items()}}
         for k, value in metrics.items():
             if k != "epoch":
                 history.setdefault(k, []).append(float(value))
@@ -125,8 +143,9 @@ def train_loop(config: dict):
             save_curves({k: history[k] for k in ("nll", "val_nll", "reward_mse",
                                                   "val_reward_mse", "done_bce", "val_done_acc")},
                         run_dir / "images" / "mdn_curves.png", "MDN-RNN")
-            ckpt_state = {"model": common.unwrap(model).state_dict(), "optim": opt.state_dict(),
-                          "epoch": epoch + 1, "history": history}
+            ckpt_state = {"model": common.unwrap(model).state_dict(), **stepper.state_dict(),
+                          "epoch": epoch + 1, "history": history, "resumed_from": resumed,
+                          "world_size": world, "rank_episodes": shards}
         common.report(metrics, ckpt_state)
         last = metrics
     if writer is not None:

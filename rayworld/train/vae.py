@@ -18,16 +18,38 @@ def plan(manifest: Manifest, cfg: Config, world: int):
     train_eps, val_eps = split_episodes(manifest.shards, cfg.data.val_every)
     per_rank = [sum(manifest.shards[e]["steps"] for e in rank_share(train_eps, r, world))
                 for r in range(world)]
-    steps = min(per_rank) // cfg.vae.batch_size
+    # Whole optimiser steps only, so every rank takes the same number of them.
+    steps = min(per_rank) // cfg.vae.batch_size // cfg.vae.grad_accum * cfg.vae.grad_accum
     if steps == 0:
         raise common.TrainError(
             f"vae: too few training frames per worker ({min(per_rank)}) for batch_size "
-            f"{cfg.vae.batch_size}; collect more episodes or lower vae.batch_size")
+            f"{cfg.vae.batch_size} x grad_accum {cfg.vae.grad_accum}; collect more episodes or "
+            f"lower vae.batch_size")
     return train_eps, val_eps, steps
 
 
 def _to_x(batch: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# Optimiser groups: the encoder side (up to mu, logvar) and the decoder side.
+GROUPS = {"encoder": ("encoder", "fc_mu", "fc_logvar"), "decoder": ("fc_dec", "decoder")}
+
+
+def make_stepper(model, v, total_steps: int, device):
+    from rayworld.train.optim import Stepper, param_groups
+
+    groups = param_groups(common.unwrap(model), GROUPS,
+                          {"encoder": v.encoder_lr, "decoder": v.decoder_lr}, v.lr)
+    return Stepper(model, groups, v, total_steps, device)
+
+
+def step_losses(model, x: torch.Tensor, beta: float, kl_tolerance: float) -> dict:
+    """Forward and loss of one micro-batch; the loss itself is summed in float32 under AMP."""
+    from rayworld.models.vae import vae_loss
+
+    x_hat, mu, logvar = model(x)
+    return vae_loss(x, x_hat.float(), mu.float(), logvar.float(), beta, kl_tolerance)
 
 
 def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1):
@@ -64,7 +86,7 @@ def train_loop(config: dict):
     import ray.train.torch
 
     from rayworld.images import save_curves, save_recon_grid
-    from rayworld.models.vae import ConvVAE, kl_beta, vae_loss
+    from rayworld.models.vae import ConvVAE, kl_beta
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
     manifest = Manifest.load(run_dir / "data")
@@ -76,19 +98,19 @@ def train_loop(config: dict):
     v = cfg.vae
 
     torch.manual_seed(cfg.seed)
-    model = ConvVAE(latent=v.latent)
-    opt = torch.optim.Adam(model.parameters(), lr=v.lr)
+    model = ConvVAE(latent=v.latent).to(device)
     state = common.load_state(ray.train.get_checkpoint())
-    start_epoch, global_step, history = 0, 0, {}
+    start_epoch, global_step, history, resumed = 0, 0, {}, []
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        for group in opt.param_groups:  # the config's lr wins over the saved one
-            group["lr"] = v.lr
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
+        resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
             print(f"vae: resuming after epoch {start_epoch}")
     model = ray.train.torch.prepare_model(model)
+    stepper = make_stepper(model, v, v.epochs * steps // v.grad_accum, device)
+    if state is not None:
+        common.load_stepper(stepper, state, "vae" if rank == 0 else None)
     writer = common.tb_writer(run_dir, "vae") if rank == 0 else None
     last = {}
     for epoch in range(start_epoch, v.epochs):
@@ -96,21 +118,22 @@ def train_loop(config: dict):
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
         batches = stream_frames(my_train, obs_shape, v.batch_size, steps, cfg.data.shuffle_buffer,
                                 seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
+        stopped = False
         for i, batch in enumerate(prefetch(batches)):
             x = _to_x(batch, device)
-            x_hat, mu, logvar = model(x)
             beta = kl_beta(global_step, v.beta, v.kl_warmup_steps)
-            losses = vae_loss(x, x_hat, mu, logvar, beta, v.kl_tolerance)
-            common.check_finite(losses, "vae", epoch, i,
-                                common.last_checkpoint_dir(run_dir, "vae"))
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if v.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), v.grad_clip)
-            opt.step()
+            with stepper.micro_batch():
+                losses = step_losses(model, x, beta, v.kl_tolerance)
+                msg = common.nonfinite(losses, "vae", epoch, i, run_dir)
+                if common.stop_all_ranks(msg, run_dir, "vae", device):
+                    stopped = True
+                    break
+                stepper.backward(losses["loss"])
             global_step += 1
             for k in sums:
                 sums[k] += float(losses[k])
+        if stopped:
+            break
         train_s = time.perf_counter() - t0
         sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val, sample = evaluate(model, my_val, obs_shape, 256, device,
@@ -123,6 +146,7 @@ def train_loop(config: dict):
             "kl": sums["kl"] / steps, "val_loss": val["loss"] / n, "val_recon": val["recon"] / n,
             "val_kl": val["kl"] / n, "psnr_db": val["psnr"] / n, "ssim": val["ssim"] / n,
             "images_per_s": steps * v.batch_size * world / train_s, "val_frames": int(val["n"]),
+            **{f"lr_{k}": lr for k, lr in stepper.lrs.items()},
         }
         for k, value in metrics.items():
             if k not in ("epoch", "val_frames"):
@@ -144,8 +168,9 @@ def train_loop(config: dict):
             save_curves({k: history[k] for k in ("loss", "recon", "kl", "val_loss", "psnr_db",
                                                   "ssim")}, images / "vae_curves.png", "VAE")
             writer.flush()
-            ckpt_state = {"model": common.unwrap(model).state_dict(), "optim": opt.state_dict(),
-                          "epoch": epoch + 1, "step": global_step, "history": history}
+            ckpt_state = {"model": common.unwrap(model).state_dict(), **stepper.state_dict(),
+                          "epoch": epoch + 1, "step": global_step, "history": history,
+                          "resumed_from": resumed, "world_size": world}
         common.report(metrics, ckpt_state)
         last = metrics
     if writer is not None:
