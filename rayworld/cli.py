@@ -43,12 +43,30 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--iterations", type=int, default=1,
                            help="N > 1: collect more rollouts with the evolved controller, "
                                 "retrain on all data and evolve again, N times in all")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config key, e.g. --set vae.lr=3e-4 (repeatable)")
-        s.add_argument("--address", default=None,
-                       help="join an existing Ray cluster (default: $RAY_ADDRESS, else start "
-                            "Ray in-process)")
+        _common_args(s)
+    t = sub.add_parser("tune", help="a Ray Tune sweep from YAML: ASHA over the VAE or MDN-RNN, "
+                                    "PBT over CMA-ES runs of the controller")
+    t.add_argument("--config", required=True, help="a sweep file, e.g. tune_configs/vae_asha.yaml")
+    t.add_argument("--out", required=True, help="the sweep directory; re-run it to resume")
+    t.add_argument("--data", default=None,
+                   help="a finished run whose data, models and config the trials share "
+                        "(default: run the stages the sweep needs in --out)")
+    _common_args(t, "override a sweep key (sweep.num_samples=8) or a trial config key")
+    r = sub.add_parser("train-rllib", help="train a controller with RLlib (PPO) inside the dream")
+    r.add_argument("--run", "--out", dest="out", required=True,
+                   help="a run with a trained VAE and MDN-RNN")
+    r.add_argument("--config", default=None,
+                   help="the algorithm YAML (default: tune_configs/rllib_ppo.yaml)")
+    _common_args(r, "override one algorithm key, e.g. --set lr=1e-4")
     return p
+
+
+def _common_args(s, set_help: str = "override one config key, e.g. --set vae.lr=3e-4"):
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"{set_help} (repeatable)")
+    s.add_argument("--address", default=None,
+                   help="join an existing Ray cluster (default: $RAY_ADDRESS, else start "
+                        "Ray in-process)")
 
 
 def resolve_config(args):
@@ -150,8 +168,62 @@ def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
     return figures
 
 
+def _run_tune(args) -> int:
+    from rayworld.sweep import load_sweep, run_sweep
+
+    try:
+        sw = load_sweep(args.config, args.set, args.data)
+    except ConfigError as e:
+        print(f"rayworld: {e}", file=sys.stderr)
+        return 2
+    started = init_ray(load_config(base=sw.base), args.address)
+    try:
+        run_sweep(sw, Path(args.out), Path(args.data) if args.data else None)
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"rayworld tune: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run_rllib(args) -> int:
+    from rayworld.rllib import train_rllib
+
+    out = Path(args.out)
+    if not (out / "config.yaml").exists():
+        print(f"rayworld train-rllib: {out} is not a run directory (no config.yaml); run "
+              f"`rayworld pipeline --out {out}` first", file=sys.stderr)
+        return 1
+    import yaml
+
+    cfg = load_config(base=yaml.safe_load((out / "config.yaml").read_text()))
+    started = init_ray(cfg, args.address)
+    try:
+        train_rllib(out, args.config, args.set)
+        return 0
+    except ConfigError as e:
+        print(f"rayworld: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"rayworld train-rllib: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tune":
+        return _run_tune(args)
+    if args.command == "train-rllib":
+        return _run_rllib(args)
     try:
         cfg = resolve_config(args)
     except ConfigError as e:

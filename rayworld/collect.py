@@ -124,6 +124,10 @@ class Collector:
                              meta={"env_id": self.env_id, "episode": episode, "seed": seed,
                                    "policy": self.policy},
                              compression=self.compression)
+        from rayworld.telemetry import record
+
+        record("rayworld_env_steps", len(actions), env=self.env_id)
+        record("rayworld_frames_written", len(obs), env=self.env_id)
         return {"episode": episode, "file": f"{EPISODES_DIR}/{name}", "steps": len(obs),
                 "return": float(rewards.sum()), "bytes": size,
                 "seconds": time.perf_counter() - start}

@@ -284,3 +284,23 @@ def save_config(cfg: Config, path: Path):
     from rayworld.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def with_values(base: dict, values: dict) -> Config:
+    """`base` (a resolved config dict) with dotted keys set, e.g. {"vae.lr": 3e-4}; validated."""
+    cfg = load_config(base=base)
+    for key, value in values.items():
+        _merge(cfg, _nest(key, value))
+    _validate(cfg)
+    return cfg
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    """A copy of `base` with the nested mapping `extra` merged in."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -21,6 +21,7 @@ import torch
 from rayworld.config import Config
 from rayworld.evaluate import CONTROLLER, RealRunner, run_episodes
 from rayworld.io import atomic_path
+from rayworld.telemetry import record
 
 STATE = "evolve_state.pkl"
 
@@ -110,6 +111,10 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             fitness = _score(workers, xs, e.rollouts, cfg.seed * 100_003 + gen, log)
             es.tell(list(xs), list(-fitness))  # cma minimises
             best = int(np.argmax(fitness))
+            record("rayworld_dream_evals_per_s",
+                   len(xs) * e.rollouts / (time.perf_counter() - t0), run=cfg.name)
+            record("rayworld_best_return", max(hist["dream_best"] + [float(fitness[best])]),
+                   run=cfg.name, where="dream")
             hist["dream_best"].append(float(fitness[best]))
             hist["dream_mean"].append(float(fitness.mean()))
             hist["dream_worst"].append(float(fitness.min()))
@@ -122,6 +127,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             if e.real_episodes and ((gen + 1) % e.real_every == 0 or last_gen):
                 rb = run_episodes(workers, xs[best], real_seeds, cfg.evaluate.max_steps).mean()
                 rm = run_episodes(workers, es.mean, real_seeds, cfg.evaluate.max_steps).mean()
+                record("rayworld_best_return", max(hist["real_best"] + [float(rb)]),
+                       run=cfg.name, where="real")
                 hist["real_gen"].append(gen + 1)
                 hist["real_best"].append(float(rb))
                 hist["real_mean"].append(float(rm))

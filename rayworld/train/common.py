@@ -24,8 +24,12 @@ class NonFiniteLoss(TrainError):
     pass
 
 
-def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None):
-    """Run `loop` in a TorchTrainer; re-running the same run_dir resumes from its checkpoint."""
+def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
+        callbacks: list | None = None):
+    """Run `loop` in a TorchTrainer; re-running the same run_dir resumes from its checkpoint.
+
+    `callbacks` are Ray Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial.
+    """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -41,7 +45,8 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None):
         run_config=RunConfig(
             name=name, storage_path=str(run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks or None),
     )
     marker = stop_marker(run_dir, name)
     marker.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from rayworld.data import (
     windows_per_episode,
 )
 from rayworld.encode import SERIES
+from rayworld.telemetry import record
 from rayworld.train import common
 
 
@@ -137,6 +138,7 @@ def train_loop(config: dict):
                   f"reward_mse {metrics['reward_mse']:.4f} done_acc {metrics['done_acc']:.3f} | "
                   f"val nll {metrics['val_nll']:.3f} done_bce {metrics['val_done_bce']:.3f}",
                   flush=True)
+            record("rayworld_train_loss", metrics["loss"], stage="mdn")
             for k, value in metrics.items():
                 writer.add_scalar(f"mdn/{k}", value, epoch + 1)
             writer.flush()
@@ -177,7 +179,7 @@ def _validate(model, series: Manifest, episodes, m, device, seed) -> dict:
     return sums
 
 
-def train_mdn(cfg: Config, run_dir: Path, log=print) -> dict:
+def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = None) -> dict:
     start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     episodes = Manifest.load(run_dir / "data")
@@ -187,7 +189,8 @@ def train_mdn(cfg: Config, run_dir: Path, log=print) -> dict:
         raise common.TrainError(f"mdn: checkpoints/vae.pt has latent {vae['latent']}, config "
                                 f"vae.latent is {cfg.vae.latent}; re-run train-vae")
     action_dim = int(episodes.info["action_dim"])
-    result = common.fit(train_loop, cfg, run_dir, "mdn", {"action_dim": action_dim})
+    result = common.fit(train_loop, cfg, run_dir, "mdn", {"action_dim": action_dim},
+                        callbacks=callbacks)
     state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
         "latent": cfg.vae.latent, "action_dim": action_dim, "hidden": cfg.mdn.hidden,
         "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae"),

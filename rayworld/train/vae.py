@@ -10,6 +10,7 @@ import torch
 
 from rayworld.config import Config
 from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
+from rayworld.telemetry import record
 from rayworld.train import common
 
 
@@ -157,6 +158,7 @@ def train_loop(config: dict):
                   f"recon {metrics['recon']:.2f} kl {metrics['kl']:.2f} | held-out PSNR "
                   f"{metrics['psnr_db']:.2f} dB SSIM {metrics['ssim']:.3f} | "
                   f"{metrics['images_per_s']:.0f} img/s", flush=True)
+            record("rayworld_train_loss", metrics["loss"], stage="vae")
             for k, value in metrics.items():
                 writer.add_scalar(f"vae/{k}", value, epoch + 1)
             images = run_dir / "images"
@@ -178,12 +180,12 @@ def train_loop(config: dict):
     return last
 
 
-def train_vae(cfg: Config, run_dir: Path, log=print) -> dict:
+def train_vae(cfg: Config, run_dir: Path, log=print, callbacks: list | None = None) -> dict:
     """Train (or resume) the VAE; writes checkpoints/vae.pt and returns the stage's figures."""
     start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     manifest = Manifest.load(run_dir / "data")  # fail early, before any worker starts
-    result = common.fit(train_loop, cfg, run_dir, "vae")
+    result = common.fit(train_loop, cfg, run_dir, "vae", callbacks=callbacks)
     state = common.export_model(result, run_dir / "checkpoints" / "vae.pt", {
         "latent": cfg.vae.latent, "obs_shape": manifest.info["obs_shape"]})
     hist = state["history"]

@@ -1,0 +1,131 @@
+"""`rayworld tune`: ASHA over real Ray Train trials, PBT over CMA-ES runs in the dream, restore.
+
+The trials share the session's tiny pipeline run (`--data`), so no stage is redone here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayworld.cli import main
+from rayworld.config import ConfigError, load_config
+from rayworld.sweep import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+VAE_TINY = ["sweep.num_samples=2", "sweep.scheduler.max_t=2", "vae.epochs=2",
+            "vae.batch_size=32", "ray.cpus_per_worker=0.9",
+            "sweep.space.vae.latent={choice: [8, 16]}"]
+PBT_TINY = ["sweep.num_samples=4", "sweep.max_concurrent=4", "sweep.resources={cpu: 0.5}",
+            "sweep.scheduler.perturbation_interval=2", "evolve.generations=8",
+            "evolve.max_steps=40", "sweep.space.evolve.population={choice: [4, 6]}",
+            "sweep.space.evolve.rollouts={choice: [2, 3]}", "sweep.real_episodes=2",
+            "evaluate.max_steps=60"]
+
+
+def _tune(config: str, out: Path, data: Path, sets: list[str]) -> int:
+    args = ["tune", "--config", str(ROOT / "tune_configs" / config), "--out", str(out),
+            "--data", str(data)]
+    for item in sets:
+        args += ["--set", item]
+    return main(args)
+
+
+def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
+    for name, stage, metric in [("vae_asha.yaml", "vae", "psnr_db"),
+                                ("mdn_asha.yaml", "mdn", "val_nll"),
+                                ("controller_pbt.yaml", "controller", "dream_return")]:
+        sw = load_sweep(ROOT / "tune_configs" / name)
+        assert (sw.sweep.stage, sw.sweep.metric) == (stage, metric)
+        assert sw.base["name"] == "quickstart"
+    sw = load_sweep(ROOT / "tune_configs/vae_asha.yaml", ["sweep.num_samples=3", "vae.lr=5e-4"])
+    assert sw.sweep.num_samples == 3 and sw.base["vae"]["lr"] == 5e-4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep: {stage: vae, space: {vae.latnt: {choice: [8]}}}\n")
+    with pytest.raises(ConfigError, match="'vae.latnt'"):
+        load_sweep(bad)
+    bad.write_text("sweep: {stage: vae, space: {vae.lr: {logunifrm: [1, 2]}}}\n")
+    with pytest.raises(ConfigError, match="vae.lr.*expected one of choice"):
+        load_sweep(bad)
+    bad.write_text("sweep: {stage: vae, scheduler: {type: pbt}, space: {vae.lr: "
+                   "{uniform: [1e-4, 1e-3]}}}\n")
+    with pytest.raises(ConfigError, match="'pbt' is for stage 'controller'"):
+        load_sweep(bad)
+
+
+def test_vae_asha_sweep_keeps_the_best_trial_and_restores(tiny_run, tmp_path, capsys):
+    out = tmp_path / "vae_sweep"
+    assert _tune("vae_asha.yaml", out, tiny_run, VAE_TINY) == 0
+    report = json.loads((out / "sweep_report.json").read_text())
+    assert report["stage"] == "vae" and len(report["trials"]) == 2
+    values = [t["psnr_db"] for t in report["trials"]]
+    assert report["best_value"] == max(values) and 5 < report["best_value"] < 60
+    # the best trial's config and Ray Train checkpoint were copied out
+    best_cfg = load_config(out / "best" / "config.yaml")
+    assert best_cfg.vae.latent == report["best_hparams"]["vae.latent"]
+    assert best_cfg.vae.lr == pytest.approx(report["best_hparams"]["vae.lr"])
+    state = torch.load(out / "best" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["model"]["fc_mu.weight"].shape[0] == best_cfg.vae.latent
+    assert state["epoch"] == 2 and state["history"]["psnr_db"][-1] == pytest.approx(
+        report["best_value"])
+    # re-running the same --out restores the finished sweep instead of starting over
+    capsys.readouterr()
+    assert _tune("vae_asha.yaml", out, tiny_run, VAE_TINY) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    again = json.loads((out / "sweep_report.json").read_text())
+    assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in report["trials"]]
+    assert again["best_value"] == report["best_value"]
+
+
+def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(tiny_run, tmp_path):
+    out = tmp_path / "pbt"
+    assert _tune("controller_pbt.yaml", out, tiny_run, PBT_TINY) == 0
+    report = json.loads((out / "sweep_report.json").read_text())
+    assert report["stage"] == "controller" and len(report["trials"]) == 4
+    assert all(t["generation"] == 8 for t in report["trials"]), report["trials"]
+    assert isinstance(report["real_return_mean"], float) and report["real_episodes"] == 2
+    assert report["best_value"] == max(t["dream_return"] for t in report["trials"])
+    # PBT copied strong runs into weak ones (Tune logs every exploit)
+    exp = out / "tune" / "sweep"
+    exploits = [ln for f in exp.glob("pbt_global.txt") for ln in f.read_text().splitlines()]
+    assert exploits, "PBT never exploited"
+    params = torch.load(out / "best" / "controller.pt", weights_only=True)["params"]
+    assert params.ndim == 1 and torch.isfinite(params).all() and params.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_with_tuner_restore(tiny_run, tmp_path):
+    """Ctrl-C a running sweep in its own process, then re-run the same command."""
+    out = tmp_path / "mdn_sweep"
+    cmd = [sys.executable, "-m", "rayworld.cli", "tune", "--config",
+           str(ROOT / "tune_configs/mdn_asha.yaml"), "--out", str(out), "--data", str(tiny_run)]
+    for item in ["sweep.num_samples=3", "sweep.max_concurrent=1", "sweep.scheduler.max_t=3",
+                 "sweep.scheduler.grace_period=3", "mdn.epochs=3", "ray.num_cpus=2",
+                 "ray.cpus_per_worker=0.9", "mdn.seq_len=16", "mdn.batch_size=8"]:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    exp = out / "tune" / "sweep"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the first trial has finished
+        done = [d for d in exp.glob("train_trial_*") if (d / "result.json").exists() and
+                len((d / "result.json").read_text().splitlines()) >= 3]
+        if done:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert not (out / "sweep_report.json").exists()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming the sweep" in proc.stdout
+    report = json.loads((out / "sweep_report.json").read_text())
+    assert len(report["trials"]) == 3 and all(t["epoch"] == 3 for t in report["trials"])
