@@ -50,6 +50,10 @@ NEEDS = {"vae": ("collect",), "mdn": ("collect", "train-vae", "encode"),
 DOMAINS = ("choice", "uniform", "loguniform", "randint")
 
 
+class SweepInterrupted(RuntimeError):
+    """Tune stopped before every trial finished (e.g. Ctrl-C); the sweep can be resumed."""
+
+
 @dataclass
 class SchedulerConfig:
     type: Literal["asha", "pbt", "fifo"] = "asha"
@@ -350,6 +354,11 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if s.scheduler.type == "pbt" else 2)))
     grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors
+    if len(grid) < s.num_samples or finished < len(grid):  # Ctrl-C: Tune returns early
+        raise SweepInterrupted(
+            f"sweep stopped with {finished} of {s.num_samples} trials finished; re-run the same "
+            f"command to resume it")
     report = _summarise(grid, s, out, log)
     if controller and report.get("best_checkpoint"):
         report.update(_score_best_controller(sw, data_run, out, report["best_value"], log))
