@@ -30,10 +30,12 @@ class Agent:
     """The World Models agent on real frames: VAE -> z, controller on [z, h], MDN-RNN -> next h.
 
     Callable as a collection policy: `agent(obs)` returns the env action. Call `reset()` at
-    the start of every episode.
+    the start of every episode. `policy` replaces the evolved controller with any callable
+    on (z [B, Z], h [B, H]) that returns actions [B, A] (discrete: indices [B]), e.g. an
+    RLlib policy (rayworld.rllib.MeanActionPolicy).
     """
 
-    def __init__(self, run_dir, cfg: Config, params=None):
+    def __init__(self, run_dir, cfg: Config, params=None, policy=None):
         from rayworld.dream import WorldModel
         from rayworld.encode import load_vae
 
@@ -47,12 +49,21 @@ class Agent:
         w = self.world
         n_out = w.action_n if w.discrete else w.action_dim
         self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
+        self.policy = self.controller
         if params is not None:
             self.set_params(params)
+        if policy is not None:
+            self.set_policy(policy)
         self.reset()
 
     def set_params(self, params):
+        """Act with the evolved controller, with these flat parameters."""
         self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+        self.policy = self.controller
+
+    def set_policy(self, policy):
+        """Act with any policy on (z, h) instead of the controller."""
+        self.policy = policy
 
     def reset(self):
         self.state = self.world.mdn.initial_state(1)
@@ -66,7 +77,7 @@ class Agent:
     @torch.no_grad()
     def __call__(self, obs):
         z = self.encode(obs)
-        a = self.controller(z, self.state[0][0])
+        a = self.policy(z, self.state[0][0])
         _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
         return int(a[0]) if self.world.discrete else a[0].numpy()
 
@@ -85,13 +96,20 @@ class RealRunner:
         self.env = make_env(self.cfg.env.id, **self.cfg.env.kwargs)
 
     def episode(self, params, seed: int, max_steps: int) -> float:
-        """Total real reward of one episode; params None runs the uniform random policy."""
+        """Total real reward of one episode.
+
+        params: the controller's flat parameters, a policy callable on (z, h) (see Agent), or
+        None for the uniform random policy.
+        """
         from rayworld.collect import RandomPolicy, run_episode
 
         if params is None:
             policy = RandomPolicy(self.env.action_space, np.random.default_rng([seed, 11]))
         else:
-            self.agent.set_params(params)
+            if callable(params):
+                self.agent.set_policy(params)
+            else:
+                self.agent.set_params(params)
             self.agent.reset()
             policy = self.agent
         return float(run_episode(self.env, policy, seed, max_steps)[2].sum())
