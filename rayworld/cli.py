@@ -81,7 +81,7 @@ def resolve_config(args):
     return load_config(args.config, args.set, base=base)
 
 
-def init_ray(cfg, address: str | None = None):
+def init_ray(cfg, address: str | None = None, dashboard: bool | None = None):
     """Join a cluster when an address is given, else start Ray in this process."""
     import ray
 
@@ -94,7 +94,7 @@ def init_ray(cfg, address: str | None = None):
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
                  object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-                 include_dashboard=cfg.ray.dashboard)
+                 include_dashboard=cfg.ray.dashboard if dashboard is None else dashboard)
     return True
 
 
@@ -176,7 +176,8 @@ def _run_tune(args) -> int:
     except ConfigError as e:
         print(f"rayworld: {e}", file=sys.stderr)
         return 2
-    started = init_ray(load_config(base=sw.base), args.address)
+    # Ray Train frees a stopped trial's placement group through the State API (the dashboard).
+    started = init_ray(load_config(base=sw.base), args.address, dashboard=True)
     try:
         run_sweep(sw, Path(args.out), Path(args.data) if args.data else None)
         return 0

@@ -7,13 +7,27 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
+def start_ray(dashboard: bool = False):
+    import ray
+
+    kwargs = {"dashboard_port": _free_port()} if dashboard else {}
+    ray.init(num_cpus=2, include_dashboard=dashboard, object_store_memory=200 * 1024 * 1024,
+             log_to_driver=False, **kwargs)
+    return ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole test session."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-             log_to_driver=False)
+    ray = start_ray()
     yield ray
     ray.shutdown()
 

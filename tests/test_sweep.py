@@ -29,6 +29,34 @@ PBT_TINY = ["sweep.num_samples=4", "sweep.max_concurrent=4", "sweep.resources={c
             "evaluate.max_steps=60"]
 
 
+@pytest.fixture(scope="module")
+def ray_with_dashboard(ray_session):
+    """Ray with its dashboard for this module, then the session's Ray again.
+
+    When Tune stops a trial, Ray Train frees the trial's placement group through the State
+    API, which the dashboard serves; without it the CPUs stay reserved and later trials wait.
+    `rayworld tune` starts Ray with the dashboard for the same reason.
+    """
+    from conftest import start_ray
+
+    ray_session.shutdown()
+    start_ray(dashboard=True)
+    yield ray_session
+    ray_session.shutdown()
+    start_ray()
+
+
+@pytest.fixture(scope="module")
+def data_run(tiny_run, ray_with_dashboard, tmp_path_factory):
+    """A copy of the tiny run, brought up to date: earlier tests retrain its VAE in place."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("sweepdata") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tensorboard", "images"))
+    assert main(["pipeline", "--out", str(run)]) == 0
+    return run
+
+
 def _tune(config: str, out: Path, data: Path, sets: list[str]) -> int:
     args = ["tune", "--config", str(ROOT / "tune_configs" / config), "--out", str(out),
             "--data", str(data)]
@@ -59,9 +87,9 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
         load_sweep(bad)
 
 
-def test_vae_asha_sweep_keeps_the_best_trial_and_restores(tiny_run, tmp_path, capsys):
+def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):
     out = tmp_path / "vae_sweep"
-    assert _tune("vae_asha.yaml", out, tiny_run, VAE_TINY) == 0
+    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY) == 0
     report = json.loads((out / "sweep_report.json").read_text())
     assert report["stage"] == "vae" and len(report["trials"]) == 2
     values = [t["psnr_db"] for t in report["trials"]]
@@ -76,16 +104,16 @@ def test_vae_asha_sweep_keeps_the_best_trial_and_restores(tiny_run, tmp_path, ca
         report["best_value"])
     # re-running the same --out restores the finished sweep instead of starting over
     capsys.readouterr()
-    assert _tune("vae_asha.yaml", out, tiny_run, VAE_TINY) == 0
+    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY) == 0
     assert "resuming the sweep" in capsys.readouterr().out
     again = json.loads((out / "sweep_report.json").read_text())
     assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in report["trials"]]
     assert again["best_value"] == report["best_value"]
 
 
-def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(tiny_run, tmp_path):
+def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(data_run, tmp_path):
     out = tmp_path / "pbt"
-    assert _tune("controller_pbt.yaml", out, tiny_run, PBT_TINY) == 0
+    assert _tune("controller_pbt.yaml", out, data_run, PBT_TINY) == 0
     report = json.loads((out / "sweep_report.json").read_text())
     assert report["stage"] == "controller" and len(report["trials"]) == 4
     assert all(t["generation"] == 8 for t in report["trials"]), report["trials"]
@@ -100,11 +128,11 @@ def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(tiny_run, t
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_with_tuner_restore(tiny_run, tmp_path):
+def test_interrupted_sweep_resumes_with_tuner_restore(data_run, tmp_path):
     """Ctrl-C a running sweep in its own process, then re-run the same command."""
     out = tmp_path / "mdn_sweep"
     cmd = [sys.executable, "-m", "rayworld.cli", "tune", "--config",
-           str(ROOT / "tune_configs/mdn_asha.yaml"), "--out", str(out), "--data", str(tiny_run)]
+           str(ROOT / "tune_configs/mdn_asha.yaml"), "--out", str(out), "--data", str(data_run)]
     for item in ["sweep.num_samples=3", "sweep.max_concurrent=1", "sweep.scheduler.max_t=3",
                  "sweep.scheduler.grace_period=3", "mdn.epochs=3", "ray.num_cpus=2",
                  "ray.cpus_per_worker=0.9", "mdn.seq_len=16", "mdn.batch_size=8"]:
