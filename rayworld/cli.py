@@ -168,6 +168,25 @@ def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
     return figures
 
 
+def _with_ray(command: str, cfg, address, fn, dashboard: bool | None = None) -> int:
+    """Run `fn()` with Ray up; a bad config key exits 2, a failed stage 1, each with one line."""
+    started = init_ray(cfg, address, dashboard)
+    try:
+        fn()
+        return 0
+    except ConfigError as e:
+        print(f"rayworld: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"rayworld {command}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def _run_tune(args) -> int:
     from rayworld.sweep import load_sweep, run_sweep
 
@@ -176,22 +195,15 @@ def _run_tune(args) -> int:
     except ConfigError as e:
         print(f"rayworld: {e}", file=sys.stderr)
         return 2
+    data = Path(args.data) if args.data else None
     # Ray Train frees a stopped trial's placement group through the State API (the dashboard).
-    started = init_ray(load_config(base=sw.base), args.address, dashboard=True)
-    try:
-        run_sweep(sw, Path(args.out), Path(args.data) if args.data else None)
-        return 0
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"rayworld tune: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return _with_ray("tune", load_config(base=sw.base), args.address,
+                     lambda: run_sweep(sw, Path(args.out), data), dashboard=True)
 
 
 def _run_rllib(args) -> int:
+    import yaml
+
     from rayworld.rllib import train_rllib
 
     out = Path(args.out)
@@ -199,24 +211,9 @@ def _run_rllib(args) -> int:
         print(f"rayworld train-rllib: {out} is not a run directory (no config.yaml); run "
               f"`rayworld pipeline --out {out}` first", file=sys.stderr)
         return 1
-    import yaml
-
     cfg = load_config(base=yaml.safe_load((out / "config.yaml").read_text()))
-    started = init_ray(cfg, args.address)
-    try:
-        train_rllib(out, args.config, args.set)
-        return 0
-    except ConfigError as e:
-        print(f"rayworld: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"rayworld train-rllib: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return _with_ray("train-rllib", cfg, args.address,
+                     lambda: train_rllib(out, args.config, args.set))
 
 
 def main(argv=None) -> int:

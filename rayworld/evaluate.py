@@ -144,6 +144,28 @@ def run_episodes(runners, params, seeds, max_steps: int, desc: str | None = None
     return np.array([results[i] for i in range(len(seeds))])
 
 
+def play_real(run_dir: Path, cfg: Config, policies: dict, episodes: int,
+              name: str = "real-evaluator") -> dict[str, np.ndarray]:
+    """Real-env returns of each policy (flat params, a policy callable, or None for random) on
+    `evaluate.seed ..`, the seeds every scorer shares, in a pool of parallel actors."""
+    seeds = [cfg.evaluate.seed + i for i in range(episodes)]
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    runners = runner_pool(run_dir, cfg, min(episodes, cpus), name=name)
+    try:
+        return {label: run_episodes(runners, policy, seeds, cfg.evaluate.max_steps, label)
+                for label, policy in policies.items()}
+    finally:
+        for r in runners:
+            ray.kill(r)
+
+
+def return_stats(returns: np.ndarray, prefix: str) -> dict:
+    """Mean, std and standard error of episode returns, as `<prefix>_mean` etc."""
+    n = len(returns)
+    return {f"{prefix}_mean": float(returns.mean()), f"{prefix}_std": float(returns.std()),
+            f"{prefix}_se": float(returns.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0}
+
+
 def load_controller_params(run_dir: Path) -> np.ndarray:
     path = Path(run_dir) / "checkpoints" / CONTROLLER
     if not path.exists():
@@ -158,19 +180,9 @@ def evaluate(cfg: Config, run_dir: Path, episodes: int | None = None, log=print)
     run_dir = Path(run_dir).resolve()
     params, generation = load_controller_params(run_dir)
     n = episodes or cfg.evaluate.episodes
-    seeds = [cfg.evaluate.seed + i for i in range(n)]
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    runners = runner_pool(run_dir, cfg, min(n, cpus))
-    try:
-        ctrl = run_episodes(runners, params, seeds, cfg.evaluate.max_steps, "evaluate")
-        rand = run_episodes(runners, None, seeds, cfg.evaluate.max_steps, "random")
-    finally:
-        for r in runners:
-            ray.kill(r)
-    figures = {"real_return_mean": float(ctrl.mean()), "real_return_std": float(ctrl.std()),
-               "real_return_se": float(ctrl.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
-               "random_return_mean": float(rand.mean()), "random_return_std": float(rand.std()),
-               "random_return_se": float(rand.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+    played = play_real(run_dir, cfg, {"evaluate": params, "random": None}, n)
+    ctrl, rand = played["evaluate"], played["random"]
+    figures = {**return_stats(ctrl, "real_return"), **return_stats(rand, "random_return"),
                "episodes": n, "evaluated_generation": generation,
                "wall_s": time.perf_counter() - start}
     log(f"evaluate over {n} episodes: controller {figures['real_return_mean']:.2f} +/- "

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-import numpy as np
 import torch
 import yaml
 
@@ -360,16 +359,11 @@ def score_real(policy, cfg, run_dir: Path, episodes: int, desc: str = "rllib eva
     """Real-env returns of `policy` on `rayworld evaluate`'s seeds, in parallel Ray actors."""
     import ray
 
-    from rayworld.evaluate import run_episodes, runner_pool
+    from rayworld.evaluate import play_real
 
-    seeds = [cfg.evaluate.seed + i for i in range(episodes)]
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    runners = runner_pool(run_dir, cfg, min(episodes, cpus), name="rllib-real-evaluator")
-    try:  # one copy of the policy in the object store, not one per episode
-        return run_episodes(runners, ray.put(policy), seeds, cfg.evaluate.max_steps, desc)
-    finally:
-        for r in runners:
-            ray.kill(r)
+    # one copy of the policy in the object store, not one per episode
+    return play_real(run_dir, cfg, {desc: ray.put(policy)}, episodes,
+                     name="rllib-real-evaluator")[desc]
 
 
 def train_rllib(run_dir: str | Path, algo_config: str | Path | None, overrides: list[str],
@@ -382,6 +376,7 @@ def train_rllib(run_dir: str | Path, algo_config: str | Path | None, overrides: 
     import ray
 
     from rayworld.dream import WorldModel, dream_spaces
+    from rayworld.evaluate import return_stats
     from rayworld.train.common import tb_writer
 
     start = time.perf_counter()
@@ -447,10 +442,7 @@ def train_rllib(run_dir: str | Path, algo_config: str | Path | None, overrides: 
 
     finite = [r for r in history["dream_return"] if math.isfinite(r)]
     figures = {
-        "rllib_real_return_mean": float(returns.mean()),
-        "rllib_real_return_std": float(returns.std()),
-        "rllib_real_return_se": float(returns.std(ddof=1) / np.sqrt(episodes))
-        if episodes > 1 else 0.0,
+        **return_stats(returns, "rllib_real_return"),
         "rllib_dream_return": dream_ret,
         "rllib_dream_episode_return": finite[-1] if finite else None,
         "rllib_iterations": iterations,

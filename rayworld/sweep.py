@@ -422,10 +422,9 @@ def _best_checkpoint(best, s: SweepConfig) -> str | None:
 def _score_best_controller(sw: Sweep, data_run: Path, out: Path, dream_return: float,
                            log) -> dict:
     """The best trial's CMA-ES mean, scored in the real env next to its dream return."""
-    import ray
     import torch
 
-    from rayworld.evaluate import run_episodes, runner_pool
+    from rayworld.evaluate import play_real, return_stats
 
     s = sw.sweep
     best_cfg = load_config(out / "best" / "config.yaml") if (out / "best" / "config.yaml").exists() \
@@ -435,16 +434,9 @@ def _score_best_controller(sw: Sweep, data_run: Path, out: Path, dream_return: f
     with atomic_path(out / "best" / "controller.pt") as tmp:
         torch.save(state, tmp)
     n = s.real_episodes
-    seeds = [best_cfg.evaluate.seed + i for i in range(n)]
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    runners = runner_pool(data_run, best_cfg, min(n, cpus), name="sweep-real-evaluator")
-    try:
-        real = run_episodes(runners, params, seeds, best_cfg.evaluate.max_steps, "best trial")
-    finally:
-        for r in runners:
-            ray.kill(r)
-    fig = {"real_return_mean": float(real.mean()), "real_return_std": float(real.std()),
-           "real_return_se": float(real.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0,
+    real = play_real(data_run, best_cfg, {"best trial": params}, n,
+                     name="sweep-real-evaluator")["best trial"]
+    fig = {**return_stats(real, "real_return"),
            "real_episodes": n, "best_generation": int(state["generation"])}
     log(f"rayworld tune: best controller, real return {fig['real_return_mean']:.2f} +/- "
         f"{fig['real_return_std']:.2f} over {n} episodes (dream return "
