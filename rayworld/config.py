@@ -146,14 +146,22 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(key: str, tp, value):
-    """Check `value` against the annotation `tp`; allow int where float is expected."""
+def _coerce(key: str, tp, value, label: str = "config key"):
+    """Check `value` against the annotation `tp`; allow int where float is expected.
+
+    `X | None` accepts None or an X. `label` names the kind of key in errors.
+    """
     if get_origin(tp) is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+            raise ConfigError(f"{label} '{key}': got {value!r}, expected {_type_name(tp)}")
         return value
     if get_origin(tp) in (typing.Union, types.UnionType):
-        raise ConfigError(f"config key '{key}': unsupported union type")  # not used
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            raise ConfigError(f"{label} '{key}': unsupported union type")
+        if value is None:
+            return None
+        tp = args[0]
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
         try:
             value = float(value)
@@ -168,7 +176,7 @@ def _coerce(key: str, tp, value):
         list: lambda v: isinstance(v, (list, tuple)),
     }[tp]
     if not ok(value):
-        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        raise ConfigError(f"{label} '{key}': got {value!r}, expected {_type_name(tp)}")
     if tp is float:
         return float(value)
     if tp is list:

@@ -23,12 +23,12 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal
 
 import torch
 import yaml
 
-from rayworld.config import ConfigError, load_config, parse_set
+from rayworld.config import ConfigError, _coerce, load_config, parse_set
 from rayworld.io import atomic_path, atomic_write_text, update_report
 
 DREAM_ENV = "rayworld/Dream-v0"
@@ -82,30 +82,12 @@ _NON_NEGATIVE = ("time_budget_s", "vf_loss_coeff", "entropy_coeff", "grad_clip",
 
 
 def _check_value(key: str, tp, value):
-    """`value` checked against the annotation `tp` (int is fine where float is expected)."""
-    args = get_args(tp)
-    if get_origin(tp) is Literal:
-        if value not in args:
-            raise ConfigError(f"rllib key '{key}': got {value!r}, expected one of "
-                              f"{', '.join(repr(a) for a in args)}")
-        return value
-    if type(None) in args:  # X | None
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          list: lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
-              isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)}[tp]
-    if not ok(value):
-        expected = "a non-empty list of positive ints" if tp is list else tp.__name__
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected {expected}")
-    value = float(value) if tp is float else list(value) if tp is list else value
+    """`value` checked against the annotation `tp` (rayworld.config's checker), then its range."""
+    value = _coerce(key, tp, value, label="rllib key")
+    if tp is list and not (value and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                         for x in value)):
+        raise ConfigError(f"rllib key '{key}': got {value!r}, expected a non-empty list of "
+                          f"positive ints")
     name = "lambda_" if key == "lambda" else key
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value > 0")
@@ -113,7 +95,7 @@ def _check_value(key: str, tp, value):
         raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value >= 0")
     if name in ("gamma", "lambda_") and not 0 <= value <= 1:
         raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value in [0, 1]")
-    if name in ("tau", "max_steps", "eval_episodes") and value <= 0:
+    if name in ("tau", "max_steps", "eval_episodes") and value is not None and value <= 0:
         raise ConfigError(f"rllib key '{key}': got {value!r}, expected null or a value > 0")
     return value
 
