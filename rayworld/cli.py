@@ -242,44 +242,37 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"rayworld dream-gif: {e}", file=sys.stderr)
             return 1
+    return _with_ray(args.command, cfg, args.address, lambda: _run_stages(args, cfg, out))
+
+
+def _run_stages(args, cfg, out: Path):
+    """One stage, or every stage of the pipeline (N iterations), skipping complete ones."""
+    from rayworld.dreamgif import dream_gif
+    from rayworld.summary import write_summary
+
     stages = STAGES if args.command == "pipeline" else (args.command,)
-    started = init_ray(cfg, args.address)
-    try:
-        from rayworld.summary import write_summary
-
-        t0 = time.perf_counter()
-        iterations = getattr(args, "iterations", 1)
-        if iterations < 1:
-            raise ValueError(f"--iterations {iterations}: expected 1 or more")
-        for it in range(iterations):
-            step_cfg = iteration_config(cfg, it)
-            for stage in stages:
-                if it + 1 < iterations and stage == "evaluate":
-                    continue  # only the last iteration's controller is evaluated
-                if args.command == "pipeline" and not args.force and \
-                        stage_done(stage, step_cfg, out):
-                    print(f"rayworld pipeline: {stage} is complete, skipping it")
-                    continue
-                kwargs = {"episodes": getattr(args, "episodes", None)} \
-                    if stage == "evaluate" else {}
-                run_stage(stage, step_cfg, out, **kwargs)
-                if stage == "evolve":
-                    from rayworld.dreamgif import dream_gif
-
-                    dream_gif(step_cfg, out)
-                write_summary(out)
-        save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
-        print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
-              f"figures in {out / 'report.json'}")
-        return 0
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"rayworld {args.command}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    t0 = time.perf_counter()
+    iterations = getattr(args, "iterations", 1)
+    if iterations < 1:
+        raise ValueError(f"--iterations {iterations}: expected 1 or more")
+    for it in range(iterations):
+        step_cfg = iteration_config(cfg, it)
+        for stage in stages:
+            if it + 1 < iterations and stage == "evaluate":
+                continue  # only the last iteration's controller is evaluated
+            if args.command == "pipeline" and not args.force and \
+                    stage_done(stage, step_cfg, out):
+                print(f"rayworld pipeline: {stage} is complete, skipping it")
+                continue
+            kwargs = {"episodes": getattr(args, "episodes", None)} \
+                if stage == "evaluate" else {}
+            run_stage(stage, step_cfg, out, **kwargs)
+            if stage == "evolve":
+                dream_gif(step_cfg, out)
+            write_summary(out)
+    save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
+    print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
+          f"figures in {out / 'report.json'}")
 
 
 if __name__ == "__main__":
