@@ -144,10 +144,9 @@ def _check_space(sweep: SweepConfig, base: dict, path: Path):
         kind, arg = next(iter(spec.items()))
         if kind != "choice" and not (isinstance(arg, list) and len(arg) == 2):
             raise ConfigError(f"{path}: sweep.space '{key}': {kind} needs [low, high]")
-        sample = arg[0]
+        sample = float(arg[0]) if kind in ("uniform", "loguniform") else arg[0]
         try:
-            with_values(base, {key: float(sample) if kind != "choice" and kind != "randint"
-                               else sample})
+            with_values(base, {key: sample})
         except ConfigError as e:
             raise ConfigError(f"{path}: sweep.space: {e}") from None
     if sweep.scheduler.type == "pbt" and sweep.stage != "controller":
@@ -241,7 +240,8 @@ def controller_trial(config: dict):
         gen = 0
     # PBT copies a donor's config and CMA-ES state: mix in this trial's id so the copy
     # samples its own candidates and dreams from here on.
-    trial_seed = zlib.crc32(tune.get_context().get_trial_id().encode()) % 1_000_003
+    trial_id = tune.get_context().get_trial_id()
+    trial_seed = zlib.crc32(trial_id.encode()) % 1_000_003
     np.random.seed((cfg.seed + trial_seed + gen) % 2**32)  # cma samples from numpy's global RNG
     interval = int(config["_checkpoint_every"])
     while gen < e.generations:
@@ -251,13 +251,13 @@ def controller_trial(config: dict):
                                       (cfg.seed + trial_seed) * 100_003 + gen)
         es.tell(list(xs), list(-fitness))  # cma minimises
         gen += 1
-        record("rayworld_dream_evals_per_s", metrics_rate(len(xs) * e.rollouts, t0),
-               run=f"{cfg.name}-{tune.get_context().get_trial_id()}")
+        evals_per_s = len(xs) * e.rollouts / max(time.perf_counter() - t0, 1e-9)
+        record("rayworld_dream_evals_per_s", evals_per_s, run=f"{cfg.name}-{trial_id}")
         history["dream_mean"].append(float(fitness.mean()))
         history["dream_best"].append(float(fitness.max()))
         metrics = {"generation": gen, "dream_return": float(fitness.mean()),
                    "dream_best": float(fitness.max()), "sigma": float(es.sigma),
-                   "evals_per_s": metrics_rate(len(xs) * e.rollouts, t0), **hp}
+                   "evals_per_s": evals_per_s, **hp}
         if gen % interval == 0 or gen == e.generations:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / STATE).write_bytes(pickle.dumps(
@@ -268,10 +268,6 @@ def controller_trial(config: dict):
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(metrics)
-
-
-def metrics_rate(count: int, t0: float) -> float:
-    return count / max(time.perf_counter() - t0, 1e-9)
 
 
 # --- the sweep ---
