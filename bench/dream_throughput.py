@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import torch
+from collect_throughput import vector_rate  # the same real-env baseline
 
 from rayworld.dream import BatchedDream, WorldModel, evaluate_population
 from rayworld.models.controller import Controller
@@ -47,24 +48,6 @@ def _never_done(step):
     return wrapped
 
 
-def real_rate(seconds: float, workers: int) -> float:
-    import gymnasium as gym
-
-    import envs
-
-    vec = gym.vector.AsyncVectorEnv([lambda: envs.make_env("rayworld/CarRacing-v0")
-                                     for _ in range(workers)])
-    vec.reset(seed=0)
-    rng = np.random.default_rng(0)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        vec.step(rng.uniform([-1, 0, 0], [1, 1, 1], (workers, 3)).astype(np.float32))
-        n += workers
-    rate = n / (time.perf_counter() - t0)
-    vec.close()
-    return rate
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default=None)
@@ -79,7 +62,7 @@ def main():
     world = world_model(args.run).to(args.device)
     batched = dream_rate(world, args.population, args.rollouts, args.steps)
     single = dream_rate(world, 1, 1, args.steps * 4)
-    real = real_rate(args.real_seconds, args.threads)
+    real = vector_rate("rayworld/CarRacing-v0", args.threads, args.real_seconds)
     b = args.population * args.rollouts
     print(f"device {args.device}, {args.threads} CPU threads")
     print(f"dream, {b} rollouts batched : {batched:10.0f} steps/s")
