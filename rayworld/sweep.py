@@ -368,7 +368,8 @@ def _summarise(grid, s: SweepConfig, out: Path, log) -> dict:
     """The trials table, and the best trial's config and checkpoint copied to out/best."""
     time_attr = "generation" if s.stage == "controller" else "epoch"
     trials = []
-    for r in grid:
+    # Tune's result order varies between a run and its restore; trial names do not
+    for r in sorted(grid, key=lambda r: Path(r.path).name):
         m = r.metrics or {}
         trials.append({"trial": Path(r.path).name, "status": "error" if r.error else "done",
                        time_attr: m.get(time_attr), s.metric: m.get(s.metric),
