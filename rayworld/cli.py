@@ -128,7 +128,11 @@ def stage_done(stage: str, cfg, out: Path) -> bool:
     ckpt = out / "checkpoints"
     try:
         if stage == "collect":
-            return len(Manifest.load(out / "data").shards) >= cfg.collect.episodes
+            manifest = Manifest.load(out / "data")
+            if cfg.source.kind != "env":  # an import is complete once, whatever its size
+                return bool(manifest.info.get("complete")) and \
+                    manifest.info.get("source", {}).get("kind") == cfg.source.kind
+            return len(manifest.shards) >= cfg.collect.episodes
         if stage in ("train-vae", "train-mdn"):
             name, epochs = ("vae", cfg.vae.epochs) if stage == "train-vae" else \
                 ("mdn", cfg.mdn.epochs)
@@ -260,6 +264,12 @@ def _run_stages(args, cfg, out: Path):
         for stage in stages:
             if it + 1 < iterations and stage == "evaluate":
                 continue  # only the last iteration's controller is evaluated
+            if not cfg.env.id and stage in ("evolve", "evaluate"):
+                if args.command != "pipeline":
+                    raise ValueError(f"{stage} needs an env to score controllers in; "
+                                     "this run's env.id is empty (data-only source)")
+                print(f"rayworld pipeline: no env (env.id is empty), skipping {stage}")
+                continue
             if args.command == "pipeline" and not args.force and \
                     stage_done(stage, step_cfg, out):
                 print(f"rayworld pipeline: {stage} is complete, skipping it")

@@ -198,6 +198,10 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     Only missing episodes are collected, with `cfg.collect.policy` (iterative training sets it
     to "controller" for the episodes it adds).
     """
+    if cfg.source.kind != "env":  # a dataset converted to shards, not rollouts
+        from rayworld.sources import import_source
+
+        return import_source(cfg, Path(run_dir), log)
     start = time.perf_counter()
     data_dir = Path(run_dir) / "data"
     info = env_info(cfg)

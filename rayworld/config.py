@@ -22,8 +22,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class EnvConfig:
+    # "" for data with no env to play in (nuScenes logs): the pipeline stops after train-mdn
     id: str = "rayworld/SimpleDriving-v0"
     kwargs: dict = field(default_factory=dict)  # passed to the env's constructor
+
+
+@dataclass
+class SourceConfig:
+    """Where the collect stage gets episodes: an env, or a dataset converted to our shards."""
+
+    kind: Literal["env", "nuscenes", "offline"] = "env"
+    path: str = ""  # nuscenes: the dataroot; offline: an HDF5/NPZ file or a directory of them
+    version: str = "v1.0-mini"  # nuscenes: the table version under the dataroot
+    camera: str = "CAM_FRONT"  # nuscenes: the camera channel that becomes obs
+    keyframes_only: bool = False  # nuscenes: 2 Hz keyframes instead of every ~12 Hz frame
+    keys: dict = field(default_factory=dict)  # offline: our name -> the file's, {obs: pixels}
 
 
 @dataclass
@@ -127,6 +140,7 @@ class Config:
     name: str = "run"
     seed: int = 0
     env: EnvConfig = field(default_factory=EnvConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -235,6 +249,11 @@ def _validate(cfg: Config):
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    if cfg.source.kind != "env" and not cfg.source.path:
+        raise ConfigError(f"config key 'source.path': source.kind is {cfg.source.kind!r}, "
+                          "expected the dataset's path")
+    if cfg.source.kind == "env" and not cfg.env.id:
+        raise ConfigError("config key 'env.id': empty, expected an env id when source.kind is 'env'")
     if cfg.data.val_every < 2:
         raise ConfigError("config key 'data.val_every': expected >= 2 (1 would hold out all data)")
 
