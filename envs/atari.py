@@ -15,7 +15,7 @@ class Atari64(gym.ObservationWrapper):
 
     def observation(self, observation):
         img = Image.fromarray(observation).resize((64, 64), Image.Resampling.BOX)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # writable, unlike asarray of a PIL image
 
 
 def make_atari(game: str, **kwargs) -> gym.Env:

@@ -30,6 +30,13 @@ ENVS = {
     "rayworld/Breakout-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",),
                                  {"game": "Breakout"}),
     "rayworld/Pong-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",), {"game": "Pong"}),
+    "rayworld/DMC-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",)),
+    "rayworld/DMC-cheetah-run-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+                                        {"domain": "cheetah", "task": "run"}),
+    "rayworld/DMC-walker-walk-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+                                        {"domain": "walker", "task": "walk"}),
+    "rayworld/DMC-cartpole-swingup-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+                                             {"domain": "cartpole", "task": "swingup"}),
     # The world model's dream of a trained run: make_env("rayworld/Dream-v0", run_dir=...)
     "rayworld/Dream-v0": Spec("rayworld.dream:DreamEnv", needs=("torch",)),
 }

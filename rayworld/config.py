@@ -128,7 +128,9 @@ class RayConfig:
     address: str = ""  # "" starts Ray in-process; "auto" or ray://host:10001 joins a cluster
     num_cpus: int = 0  # in-process Ray only; 0: all cores
     object_store_mb: int = 1024  # in-process Ray only
-    dashboard: bool = False  # in-process Ray only
+    # in-process Ray only. Ray Train 2.60 asks the dashboard's State API whether a finished
+    # run's controller is gone; without it a helper actor per fit() polls and warns forever.
+    dashboard: bool = True
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0

@@ -61,7 +61,8 @@ class WorldModel:
         run_dir = Path(run_dir)
         state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
         mdn = MDNRNN(latent=state["latent"], action_dim=state["action_dim"],
-                     hidden=state["hidden"], mixtures=state["mixtures"])
+                     hidden=state["hidden"], mixtures=state["mixtures"],
+                     action_n=state.get("action_n", 0))
         mdn.load_state_dict(state["model"])
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
@@ -96,7 +97,7 @@ class BatchedDream:
         return z, w.mdn.initial_state(batch)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
-        """What the MDN-RNN was trained on: the action vector (discrete: its index)."""
+        """Actions as the shards hold them: a vector, or [index] (the MDN-RNN one-hots it)."""
         return action.float().reshape(len(action), -1)
 
     @torch.no_grad()
@@ -162,8 +163,10 @@ def dream_spaces(world: WorldModel) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     obs = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
     if world.discrete:
         return obs, gym.spaces.Discrete(world.action_n)
-    return obs, gym.spaces.Box(np.array([-1, 0, 0], np.float32)[:world.action_dim],
-                               np.ones(world.action_dim, np.float32))
+    # the controller's ranges: CarRacing/CARLA's [steer, gas, brake], else tanh's [-1, 1]
+    low = np.array([-1, 0, 0], np.float32) if world.action_dim == 3 else \
+        -np.ones(world.action_dim, np.float32)
+    return obs, gym.spaces.Box(low, np.ones(world.action_dim, np.float32))
 
 
 class DreamEnv(gym.Env):

@@ -71,7 +71,7 @@ class Agent:
     @torch.no_grad()
     def encode(self, obs) -> torch.Tensor:
         """One HxWxC uint8 frame -> z [1, Z] (the VAE's mean)."""
-        x = torch.from_numpy(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)
+        x = torch.tensor(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)  # copies
         return self.vae.encode(x)[0]
 
     @torch.no_grad()

@@ -24,11 +24,16 @@ class MDNOut(NamedTuple):
 
 
 class MDNRNN(nn.Module):
-    def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5):
+    def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5,
+                 action_n: int = 0):
+        """action_n > 0: discrete actions, given as an index [..., 1], enter the LSTM one-hot.
+
+        An index fed as a number would tell the LSTM that action 3 lies between 2 and 4.
+        """
         super().__init__()
-        self.latent, self.action_dim = latent, action_dim
+        self.latent, self.action_dim, self.action_n = latent, action_dim, action_n
         self.hidden, self.mixtures = hidden, mixtures
-        self.lstm = nn.LSTM(latent + action_dim, hidden, batch_first=True)
+        self.lstm = nn.LSTM(latent + (action_n or action_dim), hidden, batch_first=True)
         self.mdn_head = nn.Linear(hidden, 3 * latent * mixtures)
         self.reward_head = nn.Linear(hidden, 1)
         self.done_head = nn.Linear(hidden, 1)
@@ -48,8 +53,13 @@ class MDNRNN(nn.Module):
             h=h,
         )
 
+    def action_input(self, a: torch.Tensor) -> torch.Tensor:
+        if self.action_n:
+            return F.one_hot(a.squeeze(-1).long(), self.action_n)
+        return a
+
     def forward(self, z: torch.Tensor, a: torch.Tensor, state=None):
-        h, state = self.lstm(torch.cat([z, a.to(z.dtype)], dim=-1), state)
+        h, state = self.lstm(torch.cat([z, self.action_input(a).to(z.dtype)], dim=-1), state)
         return self._heads(h), state
 
     def step(self, z: torch.Tensor, a: torch.Tensor, state=None):

@@ -76,11 +76,11 @@ def train_loop(config: dict):
     _, _, steps = plan(series, cfg, world)
     mine, my_val = rank_episodes(series, cfg, rank, world)
     m = cfg.mdn
-    action_dim = int(config["action_dim"])
+    action_dim, action_n = int(config["action_dim"]), int(config["action_n"])
 
     torch.manual_seed(cfg.seed)
     model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
-                   mixtures=m.mixtures).to(device)
+                   mixtures=m.mixtures, action_n=action_n).to(device)
     state = common.load_state(ray.train.get_checkpoint())
     start_epoch, history, resumed = 0, {}, []
     if state is not None:
@@ -117,7 +117,7 @@ def train_loop(config: dict):
                     break
                 stepper.backward(losses["loss"])
             for k in keys:
-                sums[k] += float(losses[k])
+                sums[k] += losses[k].item()
         if stopped:
             break
         train_s = time.perf_counter() - t0
@@ -189,10 +189,12 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
         raise common.TrainError(f"mdn: checkpoints/vae.pt has latent {vae['latent']}, config "
                                 f"vae.latent is {cfg.vae.latent}; re-run train-vae")
     action_dim = int(episodes.info["action_dim"])
-    result = common.fit(train_loop, cfg, run_dir, "mdn", {"action_dim": action_dim},
-                        callbacks=callbacks)
+    action_n = int(episodes.info.get("action_n", 0)) if episodes.info.get("discrete") else 0
+    result = common.fit(train_loop, cfg, run_dir, "mdn",
+                        {"action_dim": action_dim, "action_n": action_n}, callbacks=callbacks)
     state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
-        "latent": cfg.vae.latent, "action_dim": action_dim, "hidden": cfg.mdn.hidden,
+        "latent": cfg.vae.latent, "action_dim": action_dim, "action_n": action_n,
+        "hidden": cfg.mdn.hidden,
         "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae"),
         "done_pos_weight": cfg.mdn.done_pos_weight})
     hist = state["history"]

@@ -132,7 +132,7 @@ def train_loop(config: dict):
                 stepper.backward(losses["loss"])
             global_step += 1
             for k in sums:
-                sums[k] += float(losses[k])
+                sums[k] += losses[k].item()
         if stopped:
             break
         train_s = time.perf_counter() - t0
