@@ -351,6 +351,20 @@ def test_preset_builds_the_env_without_a_server():
     assert cfg.collect.num_actors == cfg.evolve.real_episodes == cfg.evaluate.episodes == 4
 
 
+def test_real_env_runners_use_server_i_too(monkeypatch, tmp_path):
+    """evaluate's runners and evolve's workers are pools too: runner i plays on server i."""
+    import rayworld.evaluate as evaluate
+
+    class NoAgent:  # the runner's models are not what this checks
+        def __init__(self, run_dir, cfg):
+            self.world = self.controller = None
+
+    monkeypatch.setattr(evaluate, "Agent", NoAgent)
+    cfg = load_config(PRESET, [f"env.kwargs={{client_factory: '{DOUBLE}', port_stride: 3}}"])
+    runner = evaluate.RealRunner(str(tmp_path), cfg.to_dict(), worker_index=2)
+    assert runner.env.address == "127.0.0.1:2006"
+
+
 # ---------------------------------------------------------------- the collector
 
 
