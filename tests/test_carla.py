@@ -6,8 +6,10 @@ port where nothing listens. The live test needs a real server: CARLA_HOST (and C
 """
 
 import inspect
+import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -481,3 +483,38 @@ def test_live_collect_one_episode(tmp_path):
     table = open_shard(m.file(0)).read()
     assert table.num_rows == m.shards[0]["steps"] == 100  # 5 s at 20 Hz
     assert obs_array(table.column("obs"), (64, 64, 3)).std() > 5  # a rendered town, not a blank
+
+
+# ---------------------------------------------------------------- docs/carla.md
+
+
+def _doc_blocks(lang):
+    text = (ROOT / "docs" / "carla.md").read_text()
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_docs_kuberay_sidecar_cluster_matches_the_crd():
+    from test_cluster_configs import check_manifest
+
+    fields = json.loads((ROOT / "tests" / "data" / "kuberay_v1_fields.json").read_text())
+    docs = [d for block in _doc_blocks("yaml") for d in yaml.safe_load_all(block)]
+    clusters = [d for d in docs if d.get("kind") == "RayCluster"]
+    assert len(clusters) == 1 and check_manifest(clusters[0], fields) == []
+    group = clusters[0]["spec"]["workerGroupSpecs"][0]
+    assert group["rayStartParams"]["num-cpus"] == "1"
+    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"carla": 1}
+    kinds = sorted(d["kind"] for d in docs if "kind" in d)
+    assert kinds == ["RayCluster", "Service", "StatefulSet"]
+
+
+def test_docs_commands_parse_and_their_configs_load():
+    from test_cluster_configs import check_rayworld_command
+
+    lines = [line.strip() for block in _doc_blocks("sh") for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line) for line in lines if line.startswith("rayworld ")]
+    assert [argv[1] for argv in commands] == ["pipeline", "collect"]
+    for argv in commands:
+        check_rayworld_command(argv)
+    pool = next(yaml.safe_load(b) for b in _doc_blocks("yaml") if b.startswith("env:"))
+    cfg = load_config(PRESET, [f"env.kwargs={json.dumps(pool['env']['kwargs'])}"])
+    assert make_env(cfg.env.id, worker_index=3, **cfg.env.kwargs).address == "carla-3.carla:2000"
