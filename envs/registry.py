@@ -31,7 +31,7 @@ class Spec:
     needs: tuple = ()  # modules the factory imports
     kwargs: dict = field(default_factory=dict)
     # The factory takes `worker_index`: actor i of a pool talks to server i (CARLA).
-    worker_index: bool = False
+    takes_worker_index: bool = False
 
 
 ENVS = {
@@ -41,7 +41,7 @@ ENVS = {
                                  {"game": "Breakout"}),
     "rayworld/Pong-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",), {"game": "Pong"}),
     # Needs a CARLA server per env (docs/carla.md); only the client is a pip package.
-    "rayworld/CARLA-v0": Spec("envs.carla:CarlaEnv", "carla", ("carla",), worker_index=True),
+    "rayworld/CARLA-v0": Spec("envs.carla:CarlaEnv", "carla", ("carla",), takes_worker_index=True),
     # The world model's dream of a trained run: make_env("rayworld/Dream-v0", run_dir=...)
     "rayworld/Dream-v0": Spec("rayworld.dream:DreamEnv", needs=("torch",)),
 }
@@ -82,7 +82,7 @@ def make_env(env_id: str, worker_index: int | None = None, **kwargs) -> gym.Env:
 
     `worker_index` (the actor's place in its pool) reaches only envs whose Spec takes it.
     """
-    if worker_index is not None and spec(env_id).worker_index:
+    if worker_index is not None and spec(env_id).takes_worker_index:
         kwargs["worker_index"] = worker_index
     return factory(env_id)(**kwargs)
 

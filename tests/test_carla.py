@@ -272,6 +272,19 @@ def test_leftovers_of_a_killed_client_are_removed_on_connect():
     env.close()
 
 
+def test_a_missing_camera_image_is_a_server_error_and_cleans_up():
+    env = make(timeout_s=0.3)
+    env.reset(seed=0)
+    camera = next(s for s in env._sensors if s.type_id == "sensor.camera.rgb")
+    camera._callback = lambda image: None  # the image of the next tick never arrives
+    start = time.perf_counter()
+    with pytest.raises(CarlaServerError, match=r"^CARLA server 127\.0\.0\.1:2000: no camera image "
+                                               r"within 0\.3 s of frame \d+ \(env\.kwargs\.timeout_s\)$"):
+        env.step(GAS)
+    assert 0.3 <= time.perf_counter() - start < 0.3 + 1.0
+    _assert_clean(srv())  # the server is alive: everything was cleaned up
+
+
 def test_server_crash_mid_episode_raises_and_cleans_up_quickly(servers):
     servers[("127.0.0.1", 2000)] = double.FakeServer(crash_at_tick=10)
     env = make(timeout_s=0.3)
@@ -310,7 +323,8 @@ def test_unreachable_server_fails_within_the_timeout(servers, client):
 def test_worker_index_picks_the_server():
     assert make(worker_index=2, port=2000, port_stride=3).address == "127.0.0.1:2006"
     assert make(worker_index=1, ports=[4000, 4100]).address == "127.0.0.1:4100"
-    assert make(worker_index=1, hosts=["a", "b"], port=2000, port_stride=0).address == "b:2000"
+    assert make(worker_index=1, hosts=["a", "b"], port=2000).address == "b:2000"
+    assert make(worker_index=1, hosts=["a", "b"], ports=[2000, 2100]).address == "b:2100"
     env = make_env("rayworld/CARLA-v0", worker_index=3, client_factory=DOUBLE)
     assert env.address == "127.0.0.1:2009"
     # envs that take no worker_index are built as before
@@ -481,7 +495,7 @@ def test_live_collect_one_episode(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     m = Manifest.load(out / "data")
     table = open_shard(m.file(0)).read()
-    assert table.num_rows == m.shards[0]["steps"] == 100  # 5 s at 20 Hz
+    assert 0 < table.num_rows == m.shards[0]["steps"] <= 100  # 5 s at 20 Hz, or a collision
     assert obs_array(table.column("obs"), (64, 64, 3)).std() > 5  # a rendered town, not a blank
 
 

@@ -21,7 +21,8 @@ def check(key: str, value, ok: bool, expected: str):
 
 
 def server_address(worker_index: int, host, port, port_stride: int, hosts, ports) -> tuple[str, int]:
-    """Server `worker_index` of the pool: hosts[i] or host, ports[i] or port + i * port_stride."""
+    """Server `worker_index` of the pool: hosts[i] or host; ports[i], else `port` on listed
+    hosts, else port + i * port_stride (several servers on one host)."""
     check("worker_index", worker_index, isinstance(worker_index, int) and worker_index >= 0,
           "an int >= 0")
     for key, items in (("hosts", hosts), ("ports", ports)):
@@ -32,7 +33,7 @@ def server_address(worker_index: int, host, port, port_stride: int, hosts, ports
               f"at least {worker_index + 1} entries, one per actor (actor {worker_index} has none); "
               "use fewer actors (collect.num_actors) or list more servers")
     host = hosts[worker_index] if hosts else host
-    port = ports[worker_index] if ports else port + worker_index * port_stride
+    port = ports[worker_index] if ports else port if hosts else port + worker_index * port_stride
     key = "hosts" if hosts else "host"
     check(key, host, isinstance(host, str) and host != "", "a host name or IP address")
     check("ports" if ports else "port", port,
