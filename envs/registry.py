@@ -16,6 +16,10 @@ class MissingExtraError(ImportError):
     pass
 
 
+class EnvArgumentError(ValueError):
+    """A bad env kwarg, found where the env runs: one line naming env.kwargs.<key>."""
+
+
 class SimulatorError(RuntimeError):
     """The env's simulator server is unreachable or failed mid-episode.
 

@@ -247,6 +247,7 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     if todo:
         n_actors = c.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
         n_actors = min(n_actors, len(todo))
+        _check_last_actor_env(cfg, n_actors)
         actor_cls = ray.remote(num_cpus=1, max_restarts=10, max_task_retries=10)(Collector)
         actors = [actor_cls.options(name=f"collector-{i}", scheduling_strategy="SPREAD",
                                     resources=c.actor_resources or None).remote(
@@ -272,9 +273,18 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     return stats
 
 
+def _check_last_actor_env(cfg: Config, n_actors: int):
+    """Envs with a server per actor: fail here, in one line, if the last actor has no server."""
+    from envs import make_env
+    from envs.registry import spec
+
+    if n_actors > 1 and spec(cfg.env.id).takes_worker_index:
+        make_env(cfg.env.id, worker_index=n_actors - 1, **cfg.env.kwargs).close()
+
+
 def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
     """Keep two episodes queued per actor; record each finished shard in the manifest."""
-    from envs.registry import SimulatorError
+    from envs.registry import EnvArgumentError, SimulatorError
 
     queue_ = list(reversed(todo))
     pending = {}
@@ -291,7 +301,7 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
             try:
                 result = ray.get(done[0])
             except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, SimulatorError):  # its own message is the one line to show
+                if isinstance(e.cause, (SimulatorError, EnvArgumentError)):  # one line says it all
                     raise e.cause from None
                 raise
             result.pop("seconds")

@@ -479,6 +479,22 @@ def test_rayworld_collect_names_the_unreachable_server(ray_session, tmp_path, ca
     assert not list((tmp_path / "run" / "data" / "episodes").glob("*.parquet"))
 
 
+@pytest.mark.parametrize("kwargs, sets, message", [
+    ({"town": "Town99"}, [], r"env\.kwargs\.town: got 'Town99', expected one of the maps on "
+                             r"127\.0\.0\.1:200[03]: Town01, Town02, Town10HD_Opt$"),  # found in an actor
+    ({"ports": [2000, 2003]}, ["collect.num_actors=3"], r"env\.kwargs\.ports: got \[2000, 2003\], "
+                                                        r"expected at least 3 entries"),  # before any starts
+])
+def test_rayworld_collect_names_the_bad_env_kwarg(ray_session, tmp_path, capsys, kwargs, sets, message):
+    from rayworld.cli import main
+
+    config = _config(tmp_path, client_factory=DOUBLE, timeout_s=2.0, **kwargs)
+    argv = ["collect", "--config", str(config), "--out", str(tmp_path / "run"), "--set", "collect.episodes=3"]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(f"rayworld collect: {message}", err), err
+
+
 # ---------------------------------------------------------------- a real server
 
 

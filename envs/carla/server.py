@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from envs.registry import SimulatorError
+from envs.registry import EnvArgumentError, SimulatorError
 
 
 class CarlaServerError(SimulatorError):
@@ -17,7 +17,7 @@ class CarlaServerError(SimulatorError):
 def check(key: str, value, ok: bool, expected: str):
     """One line naming the env.kwargs key, the value and what was expected."""
     if not ok:
-        raise ValueError(f"env.kwargs.{key}: got {value!r}, expected {expected}")
+        raise EnvArgumentError(f"env.kwargs.{key}: got {value!r}, expected {expected}")
 
 
 def server_address(worker_index: int, host, port, port_stride: int, hosts, ports) -> tuple[str, int]:
@@ -57,7 +57,7 @@ def load_factory(spec):
             importlib.import_module(where)
         return getattr(module, name)
     except (ImportError, AttributeError, OSError) as e:
-        raise ValueError(f"env.kwargs.client_factory: cannot load {spec!r} ({e}); expected a "
+        raise EnvArgumentError(f"env.kwargs.client_factory: cannot load {spec!r} ({e}); expected a "
                          "'module:attr' or '/path/to/file.py:attr' that every Ray worker can load") \
             from None
 
