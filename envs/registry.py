@@ -16,12 +16,26 @@ class MissingExtraError(ImportError):
     pass
 
 
+class EnvArgumentError(ValueError):
+    """A bad env kwarg, found where the env runs: one line naming env.kwargs.<key>."""
+
+
+class SimulatorError(RuntimeError):
+    """The env's simulator server is unreachable or failed mid-episode.
+
+    Rebuilding the env (a new connection) and redoing the episode may succeed; a collector does
+    that up to `collect.env_retries` times.
+    """
+
+
 @dataclass(frozen=True)
 class Spec:
     factory: str  # "module:function"
     extra: str | None = None  # pip extra that provides `needs`
     needs: tuple = ()  # modules the factory imports
     kwargs: dict = field(default_factory=dict)
+    # The factory takes `worker_index`: actor i of a pool talks to server i (CARLA).
+    takes_worker_index: bool = False
 
 
 ENVS = {
@@ -37,6 +51,8 @@ ENVS = {
                                         {"domain": "walker", "task": "walk"}),
     "rayworld/DMC-cartpole-swingup-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
                                              {"domain": "cartpole", "task": "swingup"}),
+    # Needs a CARLA server per env (docs/carla.md); only the client is a pip package.
+    "rayworld/CARLA-v0": Spec("envs.carla:CarlaEnv", "carla", ("carla",), takes_worker_index=True),
     # The world model's dream of a trained run: make_env("rayworld/Dream-v0", run_dir=...)
     "rayworld/Dream-v0": Spec("rayworld.dream:DreamEnv", needs=("torch",)),
 }
@@ -57,19 +73,28 @@ def _check_needs(env_id: str, spec: Spec):
                 from None
 
 
-def factory(env_id: str):
+def spec(env_id: str) -> Spec:
     if env_id not in ENVS:
         raise UnknownEnvError(f"unknown env id '{env_id}'; known ids: "
                               f"{', '.join(known_env_ids())}")
-    spec = ENVS[env_id]
-    _check_needs(env_id, spec)
-    module, name = spec.factory.split(":")
+    return ENVS[env_id]
+
+
+def factory(env_id: str):
+    s = spec(env_id)
+    _check_needs(env_id, s)
+    module, name = s.factory.split(":")
     fn = getattr(importlib.import_module(module), name)
-    return lambda **kwargs: fn(**{**spec.kwargs, **kwargs})
+    return lambda **kwargs: fn(**{**s.kwargs, **kwargs})
 
 
-def make_env(env_id: str, **kwargs) -> gym.Env:
-    """Build a headless env that gives 64x64x3 uint8 frames."""
+def make_env(env_id: str, worker_index: int | None = None, **kwargs) -> gym.Env:
+    """Build a headless env that gives 64x64x3 uint8 frames.
+
+    `worker_index` (the actor's place in its pool) reaches only envs whose Spec takes it.
+    """
+    if worker_index is not None and spec(env_id).takes_worker_index:
+        kwargs["worker_index"] = worker_index
     return factory(env_id)(**kwargs)
 
 

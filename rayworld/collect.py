@@ -90,14 +90,21 @@ def run_episode(env, policy, seed: int, max_steps: int):
 
 
 class Collector:
-    """Owns one env; runs whole episodes and writes each as one shard."""
+    """Owns one env; runs whole episodes and writes each as one shard.
+
+    `worker_index` is the actor's place in the pool (envs that need a server each, like CARLA,
+    use it to pick theirs). When the env's simulator server fails (SimulatorError), the env is
+    closed and built again (a new connection) and the episode redone from its start, at most
+    `env_retries` more times. A shard is only ever written for a whole episode.
+    """
 
     def __init__(self, env_id: str, env_kwargs: dict, out_dir: str, policy: str, sigma: float,
-                 compression: str, cfg_dict: dict | None = None):
-        from envs import make_env
-
-        self.env = make_env(env_id, **env_kwargs)
-        self.env_id, self.out_dir = env_id, Path(out_dir)
+                 compression: str, cfg_dict: dict | None = None, worker_index: int = 0,
+                 env_retries: int = 0):
+        self.env_id, self.env_kwargs, self.worker_index = env_id, dict(env_kwargs), worker_index
+        self.env_retries = env_retries
+        self.env = self._make_env()
+        self.out_dir = Path(out_dir)
         self.policy, self.sigma, self.compression = policy, sigma, compression
         self.agent = None
         if policy == "controller":  # the evolved controller drives (iterative training)
@@ -111,14 +118,36 @@ class Collector:
             self.agent = Agent(run_dir, load_config(base=cfg_dict),
                                load_controller_params(run_dir)[0])
 
-    def run(self, episode: int, seed: int, max_steps: int) -> dict:
-        start = time.perf_counter()
+    def _make_env(self):
+        from envs import make_env
+
+        return make_env(self.env_id, worker_index=self.worker_index, **self.env_kwargs)
+
+    def _episode(self, seed: int, max_steps: int):
+        if self.env is None:
+            self.env = self._make_env()
         if self.agent is not None:
             self.agent.reset()
             policy = self.agent
         else:
             policy = make_policy(self.policy, self.env.action_space, seed, self.sigma)
-        obs, actions, rewards, terms, truncs = run_episode(self.env, policy, seed, max_steps)
+        return run_episode(self.env, policy, seed, max_steps)
+
+    def run(self, episode: int, seed: int, max_steps: int) -> dict:
+        from envs.registry import SimulatorError
+
+        start = time.perf_counter()
+        for attempt in range(self.env_retries + 1):
+            try:
+                obs, actions, rewards, terms, truncs = self._episode(seed, max_steps)
+                break
+            except SimulatorError as e:
+                self.env.close()
+                self.env = None  # the next try connects afresh and starts the episode over
+                if attempt == self.env_retries:
+                    raise SimulatorError(
+                        f"collector {self.worker_index}, episode {episode}: {e} (tried "
+                        f"{attempt + 1} times; collect.env_retries={self.env_retries})") from None
         name = shard_name(episode)
         size = write_episode(self.out_dir / name, episode, obs, actions, rewards, terms, truncs,
                              meta={"env_id": self.env_id, "episode": episode, "seed": seed,
@@ -218,10 +247,13 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     if todo:
         n_actors = c.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
         n_actors = min(n_actors, len(todo))
+        _check_last_actor_env(cfg, n_actors)
         actor_cls = ray.remote(num_cpus=1, max_restarts=10, max_task_retries=10)(Collector)
-        actors = [actor_cls.options(name=f"collector-{i}", scheduling_strategy="SPREAD").remote(
+        actors = [actor_cls.options(name=f"collector-{i}", scheduling_strategy="SPREAD",
+                                    resources=c.actor_resources or None).remote(
             cfg.env.id, cfg.env.kwargs, str(data_dir / EPISODES_DIR), c.policy,
-            c.brownian_sigma, cfg.data.compression, cfg.to_dict()) for i in range(n_actors)]
+            c.brownian_sigma, cfg.data.compression, cfg.to_dict(), worker_index=i,
+            env_retries=c.env_retries) for i in range(n_actors)]
         try:
             new_steps = _dispatch(actors, todo, manifest, c, log)
         finally:
@@ -241,8 +273,19 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     return stats
 
 
+def _check_last_actor_env(cfg: Config, n_actors: int):
+    """Envs with a server per actor: fail here, in one line, if the last actor has no server."""
+    from envs import make_env
+    from envs.registry import spec
+
+    if n_actors > 1 and spec(cfg.env.id).takes_worker_index:
+        make_env(cfg.env.id, worker_index=n_actors - 1, **cfg.env.kwargs).close()
+
+
 def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
     """Keep two episodes queued per actor; record each finished shard in the manifest."""
+    from envs.registry import EnvArgumentError, SimulatorError
+
     queue_ = list(reversed(todo))
     pending = {}
     for actor in actors * 2:
@@ -255,7 +298,12 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
-            result = ray.get(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, (SimulatorError, EnvArgumentError)):  # one line says it all
+                    raise e.cause from None
+                raise
             result.pop("seconds")
             manifest.shards[result.pop("episode")] = result
             steps += result["steps"]

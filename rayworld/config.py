@@ -47,6 +47,10 @@ class CollectConfig:
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`
+    # An env whose simulator server fails (CARLA) is rebuilt and the episode redone this often
+    env_retries: int = 2
+    # Extra Ray resources per collector, e.g. {carla: 1}: one collector per CARLA server's node
+    actor_resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -239,6 +243,7 @@ def _validate(cfg: Config):
         if value <= 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value > 0")
     for key, value in {"collect.num_actors": cfg.collect.num_actors,
+                       "collect.env_retries": cfg.collect.env_retries,
                        "ray.num_cpus": cfg.ray.num_cpus, "ray.max_failures": cfg.ray.max_failures,
                        "vae.beta": cfg.vae.beta,
                        "evolve.num_actors": cfg.evolve.num_actors,
@@ -251,6 +256,10 @@ def _validate(cfg: Config):
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    for name, amount in cfg.collect.actor_resources.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(f"config key 'collect.actor_resources.{name}': got {amount!r}, "
+                              "expected a Ray resource amount > 0")
     if cfg.source.kind != "env" and not cfg.source.path:
         raise ConfigError(f"config key 'source.path': source.kind is {cfg.source.kind!r}, "
                           "expected the dataset's path")

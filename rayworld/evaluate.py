@@ -83,9 +83,12 @@ class Agent:
 
 
 class RealRunner:
-    """Owns one real env and an Agent; runs whole episodes."""
+    """Owns one real env and an Agent; runs whole episodes.
 
-    def __init__(self, run_dir: str, cfg_dict: dict):
+    `worker_index`: the runner's place in its pool; an env with a server per actor (CARLA) uses it.
+    """
+
+    def __init__(self, run_dir: str, cfg_dict: dict, worker_index: int = 0):
         from envs import make_env
         from rayworld.config import load_config
 
@@ -93,7 +96,7 @@ class RealRunner:
         self.cfg = load_config(base=cfg_dict)
         self.agent = Agent(run_dir, self.cfg)
         self.world, self.controller = self.agent.world, self.agent.controller
-        self.env = make_env(self.cfg.env.id, **self.cfg.env.kwargs)
+        self.env = make_env(self.cfg.env.id, worker_index=worker_index, **self.cfg.env.kwargs)
 
     def episode(self, params, seed: int, max_steps: int) -> float:
         """Total real reward of one episode.
@@ -118,7 +121,7 @@ class RealRunner:
 def runner_pool(run_dir: Path, cfg: Config, n: int, name: str = "real-evaluator"):
     cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(RealRunner)
     return [cls.options(name=f"{name}-{i}", scheduling_strategy="SPREAD").remote(
-        str(run_dir), cfg.to_dict()) for i in range(n)]
+        str(run_dir), cfg.to_dict(), worker_index=i) for i in range(n)]
 
 
 def run_episodes(runners, params, seeds, max_steps: int, desc: str | None = None) -> np.ndarray:

@@ -29,10 +29,10 @@ STATE = "evolve_state.pkl"
 class EvolveWorker(RealRunner):
     """A real-env runner that also scores candidates in the batched dream."""
 
-    def __init__(self, run_dir: str, cfg_dict: dict):
+    def __init__(self, run_dir: str, cfg_dict: dict, worker_index: int = 0):
         from rayworld.dream import BatchedDream
 
-        super().__init__(run_dir, cfg_dict)
+        super().__init__(run_dir, cfg_dict, worker_index)
         e = self.cfg.evolve
         # The dream runs on the GPU when Ray gave this actor one; real episodes stay on CPU.
         device = "cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
@@ -87,7 +87,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     gpus = e.gpus_per_actor if cfg.ray.use_gpu else 0
     cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=0)(EvolveWorker)
     workers = [cls.options(name=f"dream-evaluator-{i}", scheduling_strategy="SPREAD")
-               .remote(str(run_dir), cfg.to_dict()) for i in range(n_workers)]
+               .remote(str(run_dir), cfg.to_dict(), worker_index=i) for i in range(n_workers)]
     num_params = ray.get(workers[0].num_params.remote())
     if state_path.exists():
         saved = pickle.loads(state_path.read_bytes())  # our own file, written below

@@ -1,0 +1,10 @@
+"""CARLA (https://carla.org) as a rayworld env: `rayworld/CARLA-v0`, one server per env.
+
+Needs the `carla` client (pip install 'rayworld[carla]') and a running CARLA server; see
+docs/carla.md for servers beside the Ray workers.
+"""
+
+from envs.carla.env import CarlaEnv
+from envs.carla.server import CarlaServerError
+
+__all__ = ["CarlaEnv", "CarlaServerError"]
