@@ -217,6 +217,8 @@ def _merge(obj, data: dict, prefix: str = ""):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             _merge(getattr(obj, key), value, full + ".")
+        elif tp is dict and isinstance(value, dict):  # --set env.kwargs.host=x keeps the rest
+            setattr(obj, key, deep_update(getattr(obj, key), value))
         else:
             setattr(obj, key, _coerce(full, tp, value))
 

@@ -60,3 +60,12 @@ def test_round_trip_through_dict():
     cfg = load_config(None, ["mdn.hidden=128"])
     again = load_config(base=cfg.to_dict())
     assert again == cfg and isinstance(again, Config)
+
+
+def test_set_one_env_kwarg_keeps_the_others():
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "tune_configs/carla.yaml", ["env.kwargs.host=10.0.0.5"])
+    assert cfg.env.kwargs["host"] == "10.0.0.5"
+    assert cfg.env.kwargs["port"] == 2000 and cfg.env.kwargs["town"] == "Town01"
+    with pytest.raises(ConfigError, match="'env.kwargs': got 3, expected dict"):
+        load_config(None, ["env.kwargs=3"])
