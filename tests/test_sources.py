@@ -1,9 +1,11 @@
-"""Dataset sources with real Ray tasks and real files: nuScenes through the real devkit."""
+"""Dataset sources with real Ray tasks and real files: nuScenes through the real devkit, and
+offline NPZ / HDF5 / torch sequence datasets."""
 
 import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -165,3 +167,135 @@ def test_pipeline_on_nuscenes_trains_vae_and_mdn_and_skips_evolve(ray_session, t
     printed = capsys.readouterr().out
     for stage in ("collect", "train-vae", "encode", "train-mdn"):
         assert f"{stage} is complete, skipping it" in printed
+
+
+# ---------------------------------------------------------------- offline
+
+def _off_cfg(path, *sets):
+    return load_config(None, ["source.kind=offline", f"source.path={path}", "env.id=", *sets])
+
+
+def _frames(values, shape):
+    """Frames of one flat colour each: values [T, C] in the dtype of the array wanted."""
+    values = np.asarray(values)
+    return np.broadcast_to(values[:, None, None, :], (len(values), *shape, values.shape[1])).copy()
+
+
+def test_offline_npz_directory_chw_floats(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    want = {}
+    for i, steps in enumerate([7, 5, 9]):
+        colour = rng.integers(0, 256, (steps, 3)) / 255.0  # exact after *255 and rounding
+        obs = _frames(colour.astype(np.float32), (80, 80)).transpose(0, 3, 1, 2)  # [T,3,80,80]
+        if i == 1:  # one final observation more than actions: dropped
+            obs = np.concatenate([obs, obs[-1:]])
+        act = rng.uniform(-1, 1, (steps, 2)).astype(np.float32)
+        rew = rng.normal(size=(steps, 1)).astype(np.float32)
+        arrays = {"observation": obs, "action": act, "reward": rew}
+        if i == 2:
+            arrays["is_terminal"] = np.arange(steps) == steps - 1
+        np.savez_compressed(src / f"ep_{i * 5}.npz", **arrays)  # ep_0, ep_5, ep_10: natural order
+        want[i] = (np.round(colour * 255), act, rew[:, 0], i == 2)
+    stats = collect(_off_cfg(src), tmp_path / "run")
+    run = tmp_path / "run"
+    m = Manifest.load(run / "data")
+    assert stats["episodes"] == 3 and stats["frames_collected"] == 21
+    assert m.info["source"]["episodes"] == ["ep_0.npz", "ep_5.npz", "ep_10.npz"]
+    assert (m.info["env_id"], m.info["action_dim"], m.info["discrete"]) == ("offline:src", 2, False)
+    for e, (colour, act, rew, terminal) in want.items():
+        ep = _episode(run, e)
+        np.testing.assert_array_equal(ep["obs"], _frames(colour.astype(np.uint8), (64, 64)))
+        np.testing.assert_array_equal(ep["action"], act)
+        np.testing.assert_allclose(ep["reward"], rew)
+        assert ep["terminated"][-1] == terminal and ep["truncated"][-1] != terminal
+        assert not (ep["terminated"][:-1].any() or ep["truncated"][:-1].any())
+    assert stats["return_mean"] == pytest.approx(np.mean([w[2].sum() for w in want.values()]), rel=1e-5)
+    assert collect(_off_cfg(src), run)["episodes_new"] == 0
+
+
+def test_offline_hdf5_flat_buffer_split_at_terminals_and_timeouts(ray_session, tmp_path):
+    n = 20
+    term, tout = np.zeros(n, bool), np.zeros(n, bool)
+    term[5], tout[11] = True, True  # episodes 0..5, 6..11, 12..19 (the tail has no flag)
+    obs = _frames(np.arange(n)[:, None].repeat(3, 1).astype(np.uint8) * 10, (64, 64))
+    with h5py.File(tmp_path / "d4rl.hdf5", "w") as f:
+        f["observations"] = obs
+        f["actions"] = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+        f["rewards"] = np.arange(n, dtype=np.float32)
+        f["terminals"], f["timeouts"] = term, tout
+        f["infos/qpos"] = np.zeros((n, 2))  # other arrays are ignored
+    stats = collect(_off_cfg(tmp_path / "d4rl.hdf5"), tmp_path / "run")
+    assert stats["episodes"] == 3
+    m = Manifest.load(tmp_path / "run" / "data")
+    assert m.info["source"]["episodes"] == ["d4rl.hdf5#0", "d4rl.hdf5#1", "d4rl.hdf5#2"]
+    for e, (lo, hi) in enumerate([(0, 6), (6, 12), (12, 20)]):
+        ep = _episode(tmp_path / "run", e)
+        np.testing.assert_array_equal(ep["obs"], obs[lo:hi])
+        np.testing.assert_array_equal(ep["reward"], np.arange(lo, hi))
+        np.testing.assert_array_equal(ep["action"][:, 0], np.arange(lo, hi) * 3)
+        assert list(ep["terminated"]) == [False] * (hi - lo - 1) + [e == 0]
+        assert list(ep["truncated"]) == [False] * (hi - lo - 1) + [e != 0]
+
+
+def test_offline_hdf5_groups_grayscale_discrete(ray_session, tmp_path):
+    with h5py.File(tmp_path / "atari.h5", "w") as f:
+        f.attrs["action_n"] = 6
+        for i, steps in enumerate([4, 6]):
+            g = f.create_group(f"episode_{i}")
+            g["pixels"] = np.full((steps, 32, 32), 100 + i, np.uint8)  # grayscale, upscaled
+            g["action"] = np.arange(steps) % 3
+            g["reward"] = np.ones(steps)
+    stats = collect(_off_cfg(tmp_path / "atari.h5"), tmp_path / "run")
+    m = Manifest.load(tmp_path / "run" / "data")
+    assert stats["frames_collected"] == 10
+    assert (m.info["discrete"], m.info["action_n"], m.info["action_dim"]) == (True, 6, 1)
+    assert m.info["source"]["episodes"] == ["atari.h5:episode_0", "atari.h5:episode_1"]
+    ep = _episode(tmp_path / "run", 1)
+    assert (ep["obs"] == 101).all() and ep["obs"].shape == (6, 64, 64, 3)
+    np.testing.assert_array_equal(ep["action"][:, 0], [0, 1, 2, 0, 1, 2])
+
+
+def test_offline_torch_file_list_of_episodes(ray_session, tmp_path):
+    eps = [{"obs": torch.full((n, 64, 64, 3), 7, dtype=torch.uint8), "actions": torch.zeros(n, 4),
+            "rewards": torch.full((n,), 0.5)} for n in (3, 4)]
+    torch.save(eps, tmp_path / "buffer.pt")
+    stats = collect(_off_cfg(tmp_path / "buffer.pt"), tmp_path / "run")
+    assert (stats["episodes"], stats["frames_collected"], stats["return_mean"]) == (2, 7, 1.75)
+
+
+def test_offline_bad_input_one_line(ray_session, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    np.savez(src / "ep.npz", obs=np.zeros((5, 64, 64, 3), np.uint8), acts=np.zeros((5, 2), np.float32),
+             rewards=np.zeros(5, np.float32))
+    capsys.readouterr()
+    rc = main(["collect", "--out", str(tmp_path / "run"), "--set", "source.kind=offline",
+               "--set", f"source.path={src}", "--set", "env.id="])
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert rc == 1 and line.startswith(f"rayworld collect: {src / 'ep.npz'}: no action array under '/'")
+    assert "expected one of actions, action (set source.keys.action to its name)" in line
+    # the rename map fixes it
+    assert collect(_off_cfg(src, "source.keys={action: acts}"), tmp_path / "ok")["frames_collected"] == 5
+
+    def fails(arrays, match):
+        np.savez(src / "ep.npz", **arrays)
+        with pytest.raises(ValueError, match=match):
+            collect(_off_cfg(src / "ep.npz"), tmp_path / "bad")
+
+    good = {"obs": np.zeros((5, 64, 64, 3), np.uint8), "actions": np.zeros((5, 2), np.float32),
+            "rewards": np.zeros(5, np.float32)}
+    fails({**good, "rewards": np.zeros(4)}, r"ep.npz: 'rewards' has shape \[4\]; expected \[5\]")
+    fails({**good, "actions": np.zeros((3, 2))}, "'actions' has 3 steps, 'obs' has 5")
+    fails({**good, "obs": np.zeros((5, 8, 8, 8))}, r"'obs' has shape \[5, 8, 8, 8\]; expected")
+    fails({**good, "obs": np.full((5, 64, 64, 3), 3.0)},  # checked in the task: raised as itself
+          r"ep.npz 'obs' steps 0..4: float64 values in \[3, 3\]; expected uint8")
+    with pytest.raises(ValueError, match="source.keys: unknown name 'observation'"):
+        collect(_off_cfg(src, "source.keys={observation: obs}"), tmp_path / "bad2")
+    (tmp_path / "x.pkl").write_bytes(b"\x80\x04N.")
+    with pytest.raises(ValueError, match="x.pkl: not a dataset file.*pickles can run code"):
+        collect(_off_cfg(tmp_path / "x.pkl"), tmp_path / "bad3")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match="junk.h5: cannot read it as hdf5"):
+        collect(_off_cfg(tmp_path / "junk.h5"), tmp_path / "bad4")
