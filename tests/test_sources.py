@@ -2,6 +2,8 @@
 offline NPZ / HDF5 / torch sequence datasets."""
 
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def test_nuscenes_keyframes_of_another_camera(ray_session, tiny_nuscenes, tmp_pa
         np.testing.assert_allclose(ep["action"][:, 1], rate, atol=1e-4)
 
 
-def test_nuscenes_rerun_skips_repairs_and_refuses_another_source(ray_session, tiny_nuscenes, tmp_path):
+def test_nuscenes_rerun_skips_repairs_and_refuses_another_source(ray_session, tiny_nuscenes, tmp_path, capsys):
     collect(_ns_cfg(tiny_nuscenes), tmp_path)
     m = Manifest.load(tmp_path / "data")
     stamps = {e: m.file(e).stat().st_mtime_ns for e in m.shards}
@@ -101,9 +103,22 @@ def test_nuscenes_rerun_skips_repairs_and_refuses_another_source(ray_session, ti
     assert len(_episode(tmp_path, 1)["obs"]) == FRAMES
     with pytest.raises(ValueError, match="source.keyframes_only False, config asks for True; use another --out"):
         collect(_ns_cfg(tiny_nuscenes, "source.keyframes_only=true"), tmp_path)
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_nuscenes, other)
+    with pytest.raises(ValueError, match=re.escape(f"with source.path '{tiny_nuscenes.resolve()}', config asks for '{other}'")):
+        collect(_ns_cfg(other), tmp_path)
+    npz = tmp_path / "ep.npz"
+    np.savez(npz, obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.zeros((2, 2)), rewards=np.zeros(2))
+    capsys.readouterr()
     assert main(["collect", "--out", str(tmp_path), "--set", "source.kind=offline",
-                 "--set", f"source.path={tmp_path}", "--set", "env.id="]) == 1
+                 "--set", f"source.path={npz}", "--set", "env.id="]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"rayworld collect: {tmp_path / 'data' / 'manifest.json'}: holds an import of " \
+        f"{tiny_nuscenes.resolve()} (source.kind 'nuscenes'), config asks for source.kind 'offline'; " \
+        "use another --out"
     assert Manifest.load(tmp_path / "data").info["source"]["kind"] == "nuscenes"
+    assert sorted(p.name for p in (tmp_path / "data" / "episodes").iterdir()) == \
+        [f"ep-00000{e}.parquet" for e in range(3)]
 
 
 def test_nuscenes_refuses_a_run_of_env_rollouts(ray_session, tiny_nuscenes, tmp_path):
@@ -213,6 +228,10 @@ def test_offline_npz_directory_chw_floats(ray_session, tmp_path):
         assert not (ep["terminated"][:-1].any() or ep["truncated"][:-1].any())
     assert stats["return_mean"] == pytest.approx(np.mean([w[2].sum() for w in want.values()]), rel=1e-5)
     assert collect(_off_cfg(src), run)["episodes_new"] == 0
+    np.savez(src / "ep_1.npz", obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.zeros((2, 2)),
+             rewards=np.zeros(2))  # sorts between ep_0 and ep_5: episode numbers would shift
+    with pytest.raises(ValueError, match=r"changed since it was imported \(3 episodes then, 4 now\)"):
+        collect(_off_cfg(src), run)
 
 
 def test_offline_hdf5_flat_buffer_split_at_terminals_and_timeouts(ray_session, tmp_path):

@@ -87,6 +87,10 @@ def _refuse_other_source(manifest, info: dict):
     if old is None:
         raise ValueError(f"{manifest.path}: holds rollouts of env {manifest.info.get('env_id')}, "
                          f"config asks for a {new['kind']} import; use another --out")
+    if old.get("kind") != new["kind"]:
+        raise ValueError(f"{manifest.path}: holds an import of {old.get('path')} (source.kind "
+                         f"{old.get('kind')!r}), config asks for source.kind {new['kind']!r}; "
+                         "use another --out")
     for key in sorted(set(old) | set(new)):
         if key != "episodes" and old.get(key) != new.get(key):
             raise ValueError(f"{manifest.path}: holds a {old.get('kind')} import with source.{key} "
