@@ -265,6 +265,9 @@ def _validate(cfg: Config):
     if cfg.source.kind != "env" and not cfg.source.path:
         raise ConfigError(f"config key 'source.path': source.kind is {cfg.source.kind!r}, "
                           "expected the dataset's path")
+    if cfg.source.kind == "nuscenes" and cfg.env.id:
+        raise ConfigError(f"config key 'env.id': got {cfg.env.id!r}, expected '' with source.kind "
+                          "'nuscenes' (driving logs have no env to play controllers in)")
     if cfg.source.kind == "env" and not cfg.env.id:
         raise ConfigError("config key 'env.id': empty, expected an env id when source.kind is 'env'")
     if cfg.data.val_every < 2:

@@ -182,6 +182,18 @@ def test_pipeline_on_nuscenes_trains_vae_and_mdn_and_skips_evolve(ray_session, t
     printed = capsys.readouterr().out
     for stage in ("collect", "train-vae", "encode", "train-mdn"):
         assert f"{stage} is complete, skipping it" in printed
+    # another dataset in the same --out is not skipped as "complete": collect refuses it
+    other = tmp_path / "other_root"
+    shutil.copytree(tiny_nuscenes, other)
+    assert main(["pipeline", "--out", str(out), "--set", f"source.path={other}"]) == 1
+    assert "use another --out" in capsys.readouterr().err
+
+
+def test_nuscenes_has_no_env_to_play_in(tmp_path):
+    from rayworld.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'env.id'.*expected '' with source.kind 'nuscenes'"):
+        load_config(None, ["source.kind=nuscenes", f"source.path={tmp_path}"])
 
 
 # ---------------------------------------------------------------- offline
@@ -318,3 +330,8 @@ def test_offline_bad_input_one_line(ray_session, tmp_path, capsys):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="junk.h5: cannot read it as hdf5"):
         collect(_off_cfg(tmp_path / "junk.h5"), tmp_path / "bad4")
+    # evolve and evaluate would play env.id: it must take the data's actions
+    np.savez(src / "ep.npz", **good)
+    with pytest.raises(ValueError, match=r"'env.id': rayworld/SimpleDriving-v0 has action_dim 3, "
+                                         r"the offline data at .* has 2"):
+        collect(load_config(None, ["source.kind=offline", f"source.path={src}"]), tmp_path / "bad5")

@@ -43,7 +43,20 @@ def import_source(cfg, run_dir: Path, log=print) -> dict:
     else:
         raise ValueError(f"source.kind {kind!r}: expected 'nuscenes' or 'offline' here")
     info, submit = prepare(cfg, log)
+    if cfg.env.id:  # evolve and evaluate will play this env: it must take the data's actions
+        _check_env_matches(cfg, info)
     return run_import(cfg, Path(run_dir), info, submit, log)
+
+
+def _check_env_matches(cfg, info: dict):
+    from rayworld.collect import env_info
+
+    env = env_info(cfg)
+    for key in ("obs_shape", "action_dim", "discrete", "action_n"):
+        if env[key] != info[key]:
+            raise ValueError(f"config key 'env.id': {cfg.env.id} has {key} {env[key]!r}, the "
+                             f"{cfg.source.kind} data at {cfg.source.path} has {info[key]!r}; "
+                             "set env.id to the env the data came from, or '' for none")
 
 
 def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
