@@ -522,4 +522,8 @@ def test_dockerfile_copies_what_the_package_build_needs():
     first_copy = next(i for i, (op, _) in enumerate(steps) if op == "COPY")
     assert "torch" in steps[runs[0]][1] and runs[0] < first_copy, \
         "torch should be installed in its own layer before the code, so code changes keep it cached"
-    assert re.search(r"pip install[^&]*\s\.(\s|$)", steps[runs[-1]][1]), "the last RUN does not install the package"
+    install = re.search(r"pip install[^&]*\s\"?\.(\[([^\]]*)\])?\"?(\s|$)", steps[runs[-1]][1])
+    assert install, "the last RUN does not install the package"
+    extras = set(project["project"]["optional-dependencies"])
+    for extra in filter(None, (install.group(2) or "").split(",")):
+        assert extra in extras, f"the image installs extra {extra!r}, which pyproject does not define"
