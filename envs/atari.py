@@ -5,7 +5,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from PIL import Image
+
+from envs.frames import resize64
 
 
 class Atari64(gym.ObservationWrapper):
@@ -14,8 +15,7 @@ class Atari64(gym.ObservationWrapper):
         self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
 
     def observation(self, observation):
-        img = Image.fromarray(observation).resize((64, 64), Image.Resampling.BOX)
-        return np.array(img, dtype=np.uint8)  # writable, unlike asarray of a PIL image
+        return resize64(observation)
 
 
 def make_atari(game: str, **kwargs) -> gym.Env:

@@ -13,14 +13,14 @@ import os
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from PIL import Image
+
+from envs.frames import resize64
 
 CROP_ROWS = 84
 
 
 def to_64(frame: np.ndarray) -> np.ndarray:
-    img = Image.fromarray(frame[:CROP_ROWS])
-    return np.asarray(img.resize((64, 64), Image.Resampling.BOX), dtype=np.uint8)
+    return resize64(frame[:CROP_ROWS])
 
 
 class CarRacing64(gym.ObservationWrapper):
