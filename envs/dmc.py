@@ -17,6 +17,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.frames import SIZE
+from envs.registry import EnvArgumentError
+
 
 def _load(domain: str, task: str, seed: int | None):
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -24,7 +27,8 @@ def _load(domain: str, task: str, seed: int | None):
 
     if (domain, task) not in suite.ALL_TASKS:
         known = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
-        raise ValueError(f"unknown DMC task '{domain}-{task}'; known: {known}")
+        raise EnvArgumentError(f"env.kwargs.domain/task: unknown DMC task '{domain}-{task}'; "
+                               f"known: {known}")
     return suite.load(domain, task, task_kwargs={"random": seed})
 
 
@@ -32,27 +36,33 @@ class DMCPixels(gym.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(self, domain: str = "cheetah", task: str = "run", action_repeat: int = 2,
-                 camera_id: int = 0, size: int = 64):
-        if action_repeat < 1:
-            raise ValueError(f"action_repeat: got {action_repeat}, expected >= 1")
+                 camera_id: int = 0):
+        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
+            raise EnvArgumentError(f"env.kwargs.action_repeat: got {action_repeat!r}, expected an "
+                                   "int >= 1")
         self.domain, self.task, self.repeat = domain, task, action_repeat
-        self.camera_id, self.size = camera_id, size
         self._env = _load(domain, task, None)
+        cameras = self._env.physics.model.ncam
+        if not isinstance(camera_id, int) or isinstance(camera_id, bool) or \
+                not 0 <= camera_id < cameras:
+            raise EnvArgumentError(f"env.kwargs.camera_id: got {camera_id!r}, expected 0.."
+                                   f"{cameras - 1} ({domain} has {cameras} cameras)")
+        self.camera_id = camera_id
         spec = self._env.action_spec()
         self.action_space = spaces.Box(spec.minimum.astype(np.float32),
                                        spec.maximum.astype(np.float32), dtype=np.float32)
-        self.observation_space = spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.observation_space = spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
         self.render_mode = "rgb_array"
         try:
             self._frame()
-        except Exception as e:  # no GL context: say what to install, not a GL stack trace
+        except Exception as e:  # mujoco raises plain errors when no GL context can be made
             raise RuntimeError(
                 f"DMC pixels: MuJoCo could not render offscreen with MUJOCO_GL="
                 f"{os.environ.get('MUJOCO_GL')} ({type(e).__name__}: {e}); install Mesa's EGL "
                 "(Debian: libegl-mesa0 libgl1-mesa-dri) or use a GPU node") from None
 
     def _frame(self) -> np.ndarray:
-        img = self._env.physics.render(self.size, self.size, camera_id=self.camera_id)
+        img = self._env.physics.render(SIZE, SIZE, camera_id=self.camera_id)
         return np.ascontiguousarray(img, dtype=np.uint8)
 
     def reset(self, *, seed=None, options=None):

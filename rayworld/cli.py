@@ -93,27 +93,13 @@ def init_ray(cfg, address: str | None = None, dashboard: bool | None = None):
         ray.init(address=address)
         return True
     dashboard = cfg.ray.dashboard if dashboard is None else dashboard
+    # no dashboard_port: Ray then tries 8265 and the next 50 ports itself
     ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
                    object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-                   include_dashboard=dashboard,
-                   **({"dashboard_port": _dashboard_port()} if dashboard else {}))
+                   include_dashboard=dashboard)
     if dashboard and ctx.dashboard_url:
         print(f"rayworld: Ray dashboard at http://{ctx.dashboard_url}")
     return True
-
-
-def _dashboard_port(preferred: int = 8265) -> int:
-    """8265 unless something (another run's Ray) holds it, then any free port."""
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    return preferred
 
 
 def iteration_config(cfg, it: int):

@@ -103,7 +103,7 @@ class Collector:
                  env_retries: int = 0):
         self.env_id, self.env_kwargs, self.worker_index = env_id, dict(env_kwargs), worker_index
         self.env_retries = env_retries
-        self.env = self._make_env()
+        self.env = self._make_env()  # built now, so a bad kwarg fails before any episode
         self.out_dir = Path(out_dir)
         self.policy, self.sigma, self.compression = policy, sigma, compression
         self.agent = None
@@ -122,6 +122,11 @@ class Collector:
         from envs import make_env
 
         return make_env(self.env_id, worker_index=self.worker_index, **self.env_kwargs)
+
+    def close(self):
+        if self.env is not None:
+            env, self.env = self.env, None
+            env.close()
 
     def _episode(self, seed: int, max_steps: int):
         if self.env is None:
@@ -142,8 +147,7 @@ class Collector:
                 obs, actions, rewards, terms, truncs = self._episode(seed, max_steps)
                 break
             except SimulatorError as e:
-                self.env.close()
-                self.env = None  # the next try connects afresh and starts the episode over
+                self.close()  # the next try connects afresh and starts the episode over
                 if attempt == self.env_retries:
                     raise SimulatorError(
                         f"collector {self.worker_index}, episode {episode}: {e} (tried "
@@ -257,8 +261,7 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
         try:
             new_steps = _dispatch(actors, todo, manifest, c, log)
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            close_and_kill(actors)
     manifest.save()
     wall = time.perf_counter() - start
     stats = {
@@ -271,6 +274,17 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     log(f"collect: {stats['episodes']} episodes, {stats['frames_collected']} frames"
         + (f", {stats['env_steps_per_s']:.0f} env steps/s" if todo else " (nothing new)"))
     return stats
+
+
+def close_and_kill(actors, timeout_s: float = 15.0):
+    """End a stage's env actors: close their envs (a CARLA server gets its settings and world
+    back), then kill them. A dead or stuck actor does not hold the stage up beyond timeout_s."""
+    refs = [a.close.remote() for a in actors]
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def _check_last_actor_env(cfg: Config, n_actors: int):

@@ -64,8 +64,11 @@ def dream_gif(cfg: Config, run_dir: Path, steps: int = 200, seed: int = 0,
     run_dir = Path(run_dir).resolve()
     params, _ = load_controller_params(run_dir)
     runner = RealRunner(str(run_dir), cfg.to_dict())
-    dream = dream_frames(runner, params, steps, seed, cfg.evolve.tau)
-    real = real_frames(runner, params, steps, seed)
+    try:
+        dream = dream_frames(runner, params, steps, seed, cfg.evolve.tau)
+        real = real_frames(runner, params, steps, seed)
+    finally:
+        runner.close()
     frames = side_by_side(dream, real)
     path = run_dir / "images" / "dream_vs_real.gif"
     with atomic_path(path) as tmp:

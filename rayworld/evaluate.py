@@ -13,6 +13,7 @@ import numpy as np
 import ray
 import torch
 
+from rayworld.collect import close_and_kill
 from rayworld.config import Config
 from rayworld.io import progress
 
@@ -86,17 +87,31 @@ class RealRunner:
     """Owns one real env and an Agent; runs whole episodes.
 
     `worker_index`: the runner's place in its pool; an env with a server per actor (CARLA) uses it.
+    The env is built on first use, so a runner that only dreams never connects to a server.
     """
 
     def __init__(self, run_dir: str, cfg_dict: dict, worker_index: int = 0):
-        from envs import make_env
         from rayworld.config import load_config
 
         torch.set_num_threads(1)
         self.cfg = load_config(base=cfg_dict)
         self.agent = Agent(run_dir, self.cfg)
         self.world, self.controller = self.agent.world, self.agent.controller
-        self.env = make_env(self.cfg.env.id, worker_index=worker_index, **self.cfg.env.kwargs)
+        self.worker_index, self._env = worker_index, None
+
+    @property
+    def env(self):
+        if self._env is None:
+            from envs import make_env
+
+            self._env = make_env(self.cfg.env.id, worker_index=self.worker_index,
+                                 **self.cfg.env.kwargs)
+        return self._env
+
+    def close(self):
+        if self._env is not None:
+            env, self._env = self._env, None
+            env.close()
 
     def episode(self, params, seed: int, max_steps: int) -> float:
         """Total real reward of one episode.
@@ -158,8 +173,7 @@ def play_real(run_dir: Path, cfg: Config, policies: dict, episodes: int,
         return {label: run_episodes(runners, policy, seeds, cfg.evaluate.max_steps, label)
                 for label, policy in policies.items()}
     finally:
-        for r in runners:
-            ray.kill(r)
+        close_and_kill(runners)
 
 
 def return_stats(returns: np.ndarray, prefix: str) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 
+from rayworld.collect import close_and_kill
 from rayworld.config import Config
 from rayworld.evaluate import CONTROLLER, RealRunner, run_episodes
 from rayworld.io import atomic_path
@@ -145,8 +146,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png")
     finally:
         writer.close()
-        for w in workers:
-            ray.kill(w)
+        close_and_kill(workers)
     figures = {"dream_return_best": max(hist["dream_best"]) if hist["dream_best"] else None,
                "dream_return_last_mean": hist["dream_mean"][-1] if hist["dream_mean"] else None,
                "generations": len(hist["dream_best"]), "wall_s": time.perf_counter() - start}

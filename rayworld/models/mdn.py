@@ -31,6 +31,9 @@ class MDNRNN(nn.Module):
         An index fed as a number would tell the LSTM that action 3 lies between 2 and 4.
         """
         super().__init__()
+        if action_n and action_dim != 1:
+            raise ValueError(f"MDNRNN: action_n {action_n} needs action_dim 1 (the index), got "
+                             f"{action_dim}")
         self.latent, self.action_dim, self.action_n = latent, action_dim, action_n
         self.hidden, self.mixtures = hidden, mixtures
         self.lstm = nn.LSTM(latent + (action_n or action_dim), hidden, batch_first=True)
