@@ -6,9 +6,12 @@ a server is replaced with the same method names and signatures (tests/test_carla
 against the real classes): Client, World, Map, BlueprintLibrary, ActorBlueprint, Actor,
 Vehicle, Sensor, Waypoint and the sensor data (Image, CollisionEvent, LaneInvasionEvent).
 
-The fake town: a straight two-lane road along +x (lane centres y = -1.75 and +1.75, markings at
+The fake town: a straight two-way road along +x (lane centres y = -1.75 and +1.75, markings at
 y = -3.5, 0 and 3.5), sidewalks up to |y| = 6.5, buildings from |y| = 8, and a wall across the
-road at x = wall_x. Cars follow a simple kinematic model. Sensor data is delivered on another
+road at x = wall_x. Traffic keeps right, as in CARLA's towns, and CARLA's frame is left-handed
+(y is to the right of +x), so the y > 0 lane runs along +x (yaw 0, lane_id -1) and the y < 0
+lane back along -x (yaw 180, lane_id 1); spawn points face their lane. Cars follow a simple
+kinematic model. Sensor data is delivered on another
 thread after each tick, as the real client does. Calls to a server that is down wait for the
 client's timeout and raise the real client's RuntimeError.
 
@@ -34,6 +37,10 @@ ROAD_HALF, SIDEWALK_HALF, BUILDINGS = 3.5, 6.5, 8.0
 ROAD_LENGTH = 500.0
 CAR_HALF_LENGTH = 2.4
 SERVERS: dict = {}
+
+
+def lane_yaw(y: float) -> float:
+    return 0.0 if y >= 0 else 180.0
 
 
 def server(host: str, port: int) -> FakeServer:
@@ -233,7 +240,7 @@ class FakeMap:
 
     def get_spawn_points(self):
         self._world._rpc()
-        return [carla.Transform(carla.Location(x=x, y=y, z=0.5), carla.Rotation())
+        return [carla.Transform(carla.Location(x=x, y=y, z=0.5), carla.Rotation(yaw=lane_yaw(y)))
                 for x in (20.0, 60.0, 100.0, 140.0) for y in LANES]
 
     def get_waypoint(self, location, project_to_road=True, lane_type=carla.LaneType.Driving):
@@ -256,9 +263,9 @@ class FakeMap:
 
 class FakeWaypoint:
     def __init__(self, x, y, lane_type):
-        self.transform = carla.Transform(carla.Location(x=x, y=y), carla.Rotation(yaw=0.0))
+        self.transform = carla.Transform(carla.Location(x=x, y=y), carla.Rotation(yaw=lane_yaw(y)))
         self.lane_type = lane_type
-        self.lane_id = -1 if y < 0 else 1
+        self.lane_id = -1 if y >= 0 else 1  # OpenDRIVE: negative ids run along the road
         self.road_id, self.lane_width, self.is_junction = 1, 3.5, False
 
 
@@ -332,6 +339,11 @@ class FakeActor:
         self._world._rpc()
         return carla.Transform(self.get_location(), carla.Rotation(yaw=self._yaw))
 
+    def set_transform(self, transform):
+        self._world._rpc()
+        loc, rot = transform.location, transform.rotation
+        self._x, self._y, self._z, self._yaw = loc.x, loc.y, loc.z, rot.yaw
+
     def get_velocity(self):
         self._world._rpc()
         yaw = math.radians(self._yaw)
@@ -351,18 +363,21 @@ class FakeVehicle(FakeActor):
         return [a for a in self._world._actors.values()
                 if isinstance(a, FakeSensor) and a.parent is self and a.type_id == type_id]
 
+    def _front(self):
+        return self._x + CAR_HALF_LENGTH * math.cos(math.radians(self._yaw))
+
     def _advance(self, dt, frame):
         """One physics step; returns the (sensor, event) pairs it set off."""
         c = self._control
+        y0, front0 = self._y, self._front()
         accel = 5.0 * c.throttle - 10.0 * c.brake - 0.1 * self._speed
         self._speed = max(0.0, self._speed + accel * dt)
         self._yaw += 30.0 * c.steer * dt * min(1.0, self._speed / 5.0)
-        x0, y0 = self._x, self._y
         self._x += self._speed * dt * math.cos(math.radians(self._yaw))
         self._y += self._speed * dt * math.sin(math.radians(self._yaw))
         events = []
-        wall = self._world._server.wall_x
-        if x0 + CAR_HALF_LENGTH < wall <= self._x + CAR_HALF_LENGTH or abs(self._y) >= BUILDINGS:
+        wall, front = self._world._server.wall_x, self._front()
+        if min(front0, front) < wall <= max(front0, front) or abs(self._y) >= BUILDINGS:
             other = self._world._wall
             for s in self._sensors("sensor.other.collision"):
                 events.append((s, FakeCollisionEvent(frame, self, other)))
@@ -391,6 +406,11 @@ class FakeSensor(FakeActor):
         self._world._rpc()
         self._callback = None
 
+    def destroy(self):  # as the real client's: a listening sensor stops first
+        self._world._rpc()
+        self._callback = None
+        return super().destroy()
+
     def _image(self, frame):
         w, h = int(self.attributes["image_size_x"]), int(self.attributes["image_size_y"])
         return FakeImage(frame, w, h, float(self.attributes["fov"]),
@@ -405,17 +425,20 @@ def render(car: FakeActor, wall_x: float, w: int, h: int) -> bytes:
     rows = np.arange(h - h // 2)[:, None] + 0.5
     t = rows / (h - h // 2)  # 0 at the horizon, 1 at the bottom
     ahead = 3.0 / t  # metres ahead shown by each row
-    cols = (np.arange(w)[None, :] + 0.5) / w - 0.5
-    lateral = car._y + cols * ahead * 2.0 + ahead * math.sin(math.radians(car._yaw))
-    ground = np.where(np.abs(lateral) <= ROAD_HALF, 90, 60)[..., None] * np.array([1, 1, 1])
-    ground = np.where((np.abs(lateral) > ROAD_HALF)[..., None], [70, 140, 60], ground)
-    dashed = ((car._x + ahead) % 6.0) < 3.0
-    for y, kind in MARKINGS:
-        line = np.abs(lateral - y) < 0.15
+    right = ((np.arange(w)[None, :] + 0.5) / w - 0.5) * ahead * 2.0  # metres to the right
+    yaw = math.radians(car._yaw)
+    x = car._x + ahead * math.cos(yaw) - right * math.sin(yaw)  # left-handed: right of +x is +y
+    y = car._y + ahead * math.sin(yaw) + right * math.cos(yaw)
+    ground = np.where(np.abs(y) <= ROAD_HALF, 90, 60)[..., None] * np.array([1, 1, 1])
+    ground = np.where((np.abs(y) > ROAD_HALF)[..., None], [70, 140, 60], ground)
+    dashed = (x % 6.0) < 3.0
+    for line_y, kind in MARKINGS:
+        line = np.abs(y - line_y) < 0.15
         if kind == carla.LaneMarkingType.Broken:
             line &= dashed
         ground = np.where(line[..., None], [240, 240, 240], ground)
-    ground = np.where((car._x + ahead >= wall_x)[..., None], [200, 40, 40], ground)
+    behind_wall = (x - wall_x) * (car._x - wall_x) <= 0  # the wall is between the car and there
+    ground = np.where(behind_wall[..., None], [200, 40, 40], ground)
     rgb[h // 2:] = ground.astype(np.uint8)
     bgra = np.concatenate([rgb[..., ::-1], np.full((h, w, 1), 255, np.uint8)], axis=-1)
     return bgra.tobytes()

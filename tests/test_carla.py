@@ -6,10 +6,8 @@ port where nothing listens. The live test needs a real server: CARLA_HOST (and C
 """
 
 import inspect
-import json
 import os
 import re
-import shlex
 import socket
 import subprocess
 import sys
@@ -28,7 +26,7 @@ from PIL import Image
 
 from envs import make_env
 from envs.carla import CarlaEnv, CarlaServerError
-from envs.registry import SimulatorError
+from envs.registry import EnvArgumentError, SimulatorError
 from rayworld.collect import Collector
 from rayworld.config import load_config
 from rayworld.data import Manifest, obs_array, open_shard
@@ -193,10 +191,35 @@ def test_driving_along_the_lane_earns_metres_driven():
     env.close()
 
 
+def _drive(env, steps=30):
+    infos = [env.step(GAS)[1::3] for _ in range(steps)]
+    return np.array([r for r, _ in infos]), np.array([i["speed"] for _, i in infos])
+
+
+@pytest.mark.parametrize("points, lane_yaw", [((1, 3, 5, 7), 0.0), ((0, 2, 4, 6), 180.0)],
+                         ids=["y>0 lane runs +x", "y<0 lane runs -x"])
+def test_the_reward_follows_the_lane_so_the_wrong_way_scores_negative(points, lane_yaw):
+    env = make()
+    seed = seed_at(env, points)
+    assert env._ego.get_transform().rotation.yaw == lane_yaw  # spawn points face their lane
+    start = env._ego.get_location()
+    along, speeds = _drive(env)
+    driven = env._ego.get_location().distance(start)
+    env.reset(seed=seed)  # the same spawn point, turned around
+    turned = env._ego.get_transform()
+    turned.rotation.yaw += 180.0
+    env._ego.set_transform(turned)
+    against, speeds_against = _drive(env)
+    assert (along > 0).all() and along.sum() == pytest.approx(driven, rel=1e-3) and driven > 3
+    np.testing.assert_allclose(speeds_against, speeds)
+    np.testing.assert_allclose(against, -along)
+    env.close()
+
+
 def test_collision_ends_the_episode_with_the_penalty(servers):
-    servers[("127.0.0.1", 2000)] = double.FakeServer(wall_x=40.0)  # 20 m ahead of points 0, 1
+    servers[("127.0.0.1", 2000)] = double.FakeServer(wall_x=40.0)  # 20 m ahead of points 1 and 2
     env = make(collision_penalty=50.0)
-    seed_at(env, (0, 1))
+    seed_at(env, (1, 2))
     for step in range(1, 200):  # noqa: B007 (read after the loop)
         _, r, term, trunc, info = env.step(GAS)
         if term or trunc:
@@ -213,7 +236,7 @@ def test_lane_invasion_and_off_road_penalties():
     env.reset(seed=0)
     seen = {"lane": 0, "off": 0}
     for _ in range(300):
-        _, r, term, trunc, info = env.step(np.array([1.0, 0.6, 0.0], np.float32))
+        _, r, term, trunc, info = env.step(np.array([-1.0, 0.6, 0.0], np.float32))  # left, across
         expected = -2.0 * info["lane_invasions"] - 10.0 * 0.05 * info["off_road"] - 50.0 * term
         assert r == pytest.approx(expected)
         seen["lane"] += info["lane_invasions"]
@@ -240,15 +263,77 @@ def _assert_clean(server):
 
 def test_close_destroys_what_it_spawned_and_restores_settings():
     env = make()
+    env.close()  # never connected: nothing to do
+    assert double.SERVERS == {}
     env.reset(seed=0)
     env.step(GAS)
     sensors = [a for a in ours(srv()) if a.type_id.startswith("sensor.")]
     env.close()
     _assert_clean(srv())
     assert not any(s.is_listening for s in sensors)
-    env.close()  # twice is fine
+    applied, connects = len(srv().settings_applied), srv().connects
+    env.close()  # twice: no server calls
+    assert (len(srv().settings_applied), srv().connects) == (applied, connects)
     with pytest.raises(RuntimeError, match="before reset"):
         env.step(GAS)
+    env.reset(seed=0)  # and a closed env connects again
+    assert len(ours(srv())) == 4
+    env.close()
+
+
+def _wrap(obj, name, before):
+    call = getattr(obj, name)
+
+    def wrapped(*args):
+        before()
+        return call(*args)
+    setattr(obj, name, wrapped)
+
+
+def _fail():
+    raise RuntimeError("the call failed")
+
+
+@pytest.mark.parametrize("failing", ["settings", "sensor.other.collision", "vehicle.tesla.model3"])
+def test_cleanup_restores_settings_first_and_goes_on_past_a_failing_call(failing):
+    env = make()
+    env.reset(seed=0)
+    world, log = srv().world, []
+    calls = {"settings": (world, "apply_settings")}
+    calls.update((a.type_id, (a, "destroy")) for a in [*env._sensors, env._ego])
+    _wrap(*calls[failing], _fail)
+    for label, (obj, name) in calls.items():
+        _wrap(obj, name, lambda label=label: log.append(label))
+    env.close()
+    assert log == ["settings", "sensor.camera.rgb", "sensor.other.collision",
+                   "sensor.other.lane_invasion", "vehicle.tesla.model3"]
+    assert world._settings.synchronous_mode == (failing == "settings")
+    assert [a.type_id for a in ours(srv())] == ([] if failing == "settings" else [failing])
+    assert env._client is None and env._ego is None and env._sensors == []
+
+
+def test_close_on_a_dead_server_returns_within_about_a_second():
+    env = make(timeout_s=20.0)
+    env.reset(seed=0)
+    srv().crash()
+    start = time.perf_counter()
+    env.close()  # the settings call waits out the 1 s, then the cleanup gives up
+    assert 0.9 <= time.perf_counter() - start < 2.5
+    assert srv().timeout_s <= 1.0 and env._client is None
+    start = time.perf_counter()
+    env.close()  # no server calls at all
+    assert time.perf_counter() - start < 0.5
+
+
+def test_a_failing_destroy_between_episodes_cleans_up_the_rest():
+    env = make()
+    env.reset(seed=0)
+    camera = next(s for s in env._sensors if s.type_id == "sensor.camera.rgb")
+    _wrap(camera, "destroy", _fail)
+    with pytest.raises(CarlaServerError, match="the call failed"):
+        env.reset(seed=1)
+    assert [a.type_id for a in ours(srv())] == ["sensor.camera.rgb"]
+    assert not srv().world._settings.synchronous_mode
 
 
 def test_an_exception_in_step_cleans_up_and_the_env_reconnects():
@@ -332,31 +417,62 @@ def test_worker_index_picks_the_server():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"worker_index": 2, "ports": [2000, 2003]}, r"env\.kwargs\.ports: got \[2000, 2003\], expected at least 3"),
+    ({"worker_index": 2, "ports": [2000, 2003]}, r"env\.kwargs\.ports: got \[2000, 2003\], "
+                                                 r"expected at least 3"),
     ({"port": 70000}, r"env\.kwargs\.port: got 70000, expected a TCP port"),
     ({"fixed_delta_seconds": 0.2}, r"env\.kwargs\.fixed_delta_seconds: got 0\.2, expected <= 0\.1"),
     ({"timeout_s": 0}, r"env\.kwargs\.timeout_s: got 0, expected a number > 0"),
+    ({"timeout_s": True}, r"env\.kwargs\.timeout_s: got True, expected a number > 0"),
+    ({"time_limit_s": float("inf")}, r"env\.kwargs\.time_limit_s: got inf, expected a number > 0"),
     ({"camera_size": 32}, r"env\.kwargs\.camera_size: got 32"),
+    ({"camera_size": 64.0}, r"env\.kwargs\.camera_size: got 64\.0, expected an int >= 64"),
+    ({"camera_fov": False}, r"env\.kwargs\.camera_fov: got False, expected degrees in \(0, 180\)"),
+    ({"port_stride": True}, r"env\.kwargs\.port_stride: got True, expected an int >= 0"),
+    ({"worker_index": True}, r"env\.kwargs\.worker_index: got True, expected an int >= 0"),
+    ({"port": True}, r"env\.kwargs\.port: got True, expected a TCP port"),
+    ({"speed_weight": "1.0"}, r"env\.kwargs\.speed_weight: got '1\.0', expected a number \(reward per metre"),
+    ({"speed_weight": True}, r"env\.kwargs\.speed_weight: got True, expected a number"),
+    ({"collision_penalty": True}, r"env\.kwargs\.collision_penalty: got True, expected a number >= 0 "
+                                  r"\(subtracted from the reward\)$"),
+    ({"lane_invasion_penalty": -1.0}, r"env\.kwargs\.lane_invasion_penalty: got -1\.0, "
+                                      r"expected a number >= 0"),
+    ({"off_road_penalty": None}, r"env\.kwargs\.off_road_penalty: got None, expected a number >= 0"),
+    ({"vehicle": ""}, r"env\.kwargs\.vehicle: got '', expected a vehicle blueprint id such as "
+                      r"'vehicle\.tesla\.model3'$"),
+    ({"vehicle": None}, r"env\.kwargs\.vehicle: got None, expected a vehicle blueprint id"),
     ({"client_factory": "no_such_module:Client"}, r"env\.kwargs\.client_factory: cannot load "
                                                   r"'no_such_module:Client' \(No module named"),
     ({"client_factory": "/nowhere/double.py:FakeClient"}, r"env\.kwargs\.client_factory: cannot load"),
 ])
 def test_bad_kwargs_fail_with_one_line(kwargs, message):
-    with pytest.raises(ValueError, match=message) as e:
+    with pytest.raises(EnvArgumentError, match=f"^{message}") as e:
         make(**kwargs)
     assert "\n" not in str(e.value)
+    assert double.SERVERS == {}  # found before any connection
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"town": "Town99"}, r"env\.kwargs\.town: got 'Town99', expected one of the maps on "
                          r"127\.0\.0\.1:2000: Town01, Town02, Town10HD_Opt"),
-    ({"vehicle": "vehicle.nope.*"}, r"env\.kwargs\.vehicle: got 'vehicle\.nope\.\*'"),
+    ({"vehicle": "vehicle.nope.*"}, r"env\.kwargs\.vehicle: got 'vehicle\.nope\.\*', expected a vehicle "
+                                    r"blueprint on 127\.0\.0\.1:2000 \(an id or a pattern such as "
+                                    r"'vehicle\.audi\.\*'\): vehicle\.audi\.a2, vehicle\.tesla\.model3$"),
+    ({"vehicle": "sensor.camera.rgb"}, r"env\.kwargs\.vehicle: got 'sensor\.camera\.rgb', "
+                                       r"expected a vehicle blueprint on"),
 ])
 def test_values_the_server_refuses_fail_with_one_line(kwargs, message):
     env = make(**kwargs)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(EnvArgumentError, match=message) as e:
         env.reset(seed=0)
-    assert ours(srv()) == [] and not srv().world._settings.synchronous_mode
+    assert "\n" not in str(e.value)
+    assert ours(srv()) == [] and srv().settings_applied == []  # refused before any change
+
+
+def test_vehicle_may_be_a_pattern_and_the_first_match_drives():
+    env = make(vehicle="vehicle.audi.*")
+    env.reset(seed=0)
+    assert env._ego.type_id == "vehicle.audi.a2"
+    env.close()
 
 
 def test_preset_builds_the_env_without_a_server():
@@ -513,38 +629,3 @@ def test_live_collect_one_episode(tmp_path):
     table = open_shard(m.file(0)).read()
     assert 0 < table.num_rows == m.shards[0]["steps"] <= 100  # 5 s at 20 Hz, or a collision
     assert obs_array(table.column("obs"), (64, 64, 3)).std() > 5  # a rendered town, not a blank
-
-
-# ---------------------------------------------------------------- docs/carla.md
-
-
-def _doc_blocks(lang):
-    text = (ROOT / "docs" / "carla.md").read_text()
-    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
-
-
-def test_docs_kuberay_sidecar_cluster_matches_the_crd():
-    from test_cluster_configs import check_manifest
-
-    fields = json.loads((ROOT / "tests" / "data" / "kuberay_v1_fields.json").read_text())
-    docs = [d for block in _doc_blocks("yaml") for d in yaml.safe_load_all(block)]
-    clusters = [d for d in docs if d.get("kind") == "RayCluster"]
-    assert len(clusters) == 1 and check_manifest(clusters[0], fields) == []
-    group = clusters[0]["spec"]["workerGroupSpecs"][0]
-    assert group["rayStartParams"]["num-cpus"] == "1"
-    assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {"carla": 1}
-    kinds = sorted(d["kind"] for d in docs if "kind" in d)
-    assert kinds == ["RayCluster", "Service", "StatefulSet"]
-
-
-def test_docs_commands_parse_and_their_configs_load():
-    from test_cluster_configs import check_rayworld_command
-
-    lines = [line.strip() for block in _doc_blocks("sh") for line in block.replace("\\\n", " ").splitlines()]
-    commands = [shlex.split(line) for line in lines if line.startswith("rayworld ")]
-    assert [argv[1] for argv in commands] == ["pipeline", "collect"]
-    for argv in commands:
-        check_rayworld_command(argv)
-    pool = next(yaml.safe_load(b) for b in _doc_blocks("yaml") if b.startswith("env:"))
-    cfg = load_config(PRESET, [f"env.kwargs={json.dumps(pool['env']['kwargs'])}"])
-    assert make_env(cfg.env.id, worker_index=3, **cfg.env.kwargs).address == "carla-3.carla:2000"

@@ -7,8 +7,9 @@ carries an RGB camera, a collision sensor and a lane-invasion sensor; their call
 the client's threads and only fill queues that step() reads after its tick.
 
 Reward per step: speed_weight * (velocity . lane direction) * dt, i.e. metres driven along the
-lane, minus collision_penalty once on a collision (which ends the episode), lane_invasion_penalty
-per crossed marking, and off_road_penalty per second away from a driving lane. The episode is
+lane (the lane's heading, not the car's: driving the wrong way scores negative), minus
+collision_penalty once on a collision (which ends the episode), lane_invasion_penalty per
+crossed marking, and off_road_penalty per second away from a driving lane. The episode is
 truncated after time_limit_s of simulated time.
 """
 
@@ -24,11 +25,19 @@ import numpy as np
 from gymnasium import spaces
 from PIL import Image
 
-from envs.carla.server import CarlaServerError, check, describe, load_factory, server_address
+from envs.carla.server import (
+    CarlaServerError,
+    check,
+    describe,
+    is_int,
+    is_number,
+    load_factory,
+    server_address,
+)
 
 ROLE = "rayworld"  # role_name of everything we spawn, so a later connection can remove leftovers
 CAMERA_MOUNT = carla.Transform(carla.Location(x=1.5, z=2.4), carla.Rotation(pitch=-10.0))
-CLEANUP_TIMEOUT_S = 1.0  # after a server error: a dead server must not hold cleanup for long
+CLEANUP_TIMEOUT_S = 1.0  # all that close() waits on the server: a dead one must not hold it
 
 
 def _same_town(map_name: str, town: str) -> bool:
@@ -47,34 +56,43 @@ class CarlaEnv(gym.Env):
                  collision_penalty: float = 50.0, lane_invasion_penalty: float = 1.0,
                  off_road_penalty: float = 5.0, client_factory="carla:Client",
                  render_mode: str | None = None):
-        check("port_stride", port_stride, isinstance(port_stride, int) and port_stride >= 0,
+        check("port_stride", port_stride, is_int(port_stride) and port_stride >= 0,
               "an int >= 0 (CARLA uses port, port+1 and port+2: 3 or more for servers on one host)")
         self.host, self.port = server_address(worker_index, host, port, port_stride, hosts, ports)
         self.address = f"{self.host}:{self.port}"
         for key, value in (("fixed_delta_seconds", fixed_delta_seconds), ("timeout_s", timeout_s),
                            ("time_limit_s", time_limit_s)):
-            check(key, value, isinstance(value, (int, float)) and value > 0, "a number > 0")
+            check(key, value, is_number(value) and value > 0, "a number > 0")
         check("fixed_delta_seconds", fixed_delta_seconds, fixed_delta_seconds <= 0.1,
               "<= 0.1 s (CARLA's physics is unstable at longer steps)")
-        check("camera_size", camera_size, isinstance(camera_size, int) and camera_size >= 64,
+        check("camera_size", camera_size, is_int(camera_size) and camera_size >= 64,
               "an int >= 64 (pixels; the frame is averaged down to 64x64)")
-        check("camera_fov", camera_fov, isinstance(camera_fov, (int, float)) and 0 < camera_fov < 180,
+        check("camera_fov", camera_fov, is_number(camera_fov) and 0 < camera_fov < 180,
               "degrees in (0, 180)")
+        check("speed_weight", speed_weight, is_number(speed_weight),
+              "a number (reward per metre driven along the lane)")
+        for key, value in (("collision_penalty", collision_penalty),
+                           ("lane_invasion_penalty", lane_invasion_penalty),
+                           ("off_road_penalty", off_road_penalty)):
+            check(key, value, is_number(value) and value >= 0, "a number >= 0 (subtracted from the reward)")
         check("town", town, isinstance(town, str) and town != "", "a map name such as 'Town01'")
+        check("vehicle", vehicle, isinstance(vehicle, str) and vehicle != "",
+              "a vehicle blueprint id such as 'vehicle.tesla.model3'")
         check("render_mode", render_mode, render_mode in (None, "rgb_array"), "None or 'rgb_array'")
         self.town, self.vehicle = town, vehicle
         self.dt, self.timeout_s = float(fixed_delta_seconds), float(timeout_s)
         self.max_steps = max(1, round(time_limit_s / fixed_delta_seconds))
         self.camera_size, self.camera_fov = camera_size, float(camera_fov)
-        self.speed_weight, self.collision_penalty = speed_weight, collision_penalty
-        self.lane_invasion_penalty, self.off_road_penalty = lane_invasion_penalty, off_road_penalty
+        self.speed_weight, self.collision_penalty = float(speed_weight), float(collision_penalty)
+        self.lane_invasion_penalty = float(lane_invasion_penalty)
+        self.off_road_penalty = float(off_road_penalty)
         self.client_factory = load_factory(client_factory)
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
         # [steer, throttle, brake], as CarRacing and rayworld's controller lay them out
         self.action_space = spaces.Box(np.array([-1, 0, 0], np.float32),
                                        np.array([1, 1, 1], np.float32), dtype=np.float32)
-        self._client = self._world = self._map = None
+        self._client = self._world = self._map = self._library = None
         self._original = None  # the world's settings before we switched to synchronous mode
         self._ego, self._sensors = None, []
         self._images, self._events = queue.SimpleQueue(), queue.SimpleQueue()
@@ -127,7 +145,9 @@ class CarlaEnv(gym.Env):
         return self._obs if self.render_mode == "rgb_array" else None
 
     def close(self):
-        self._cleanup(after_error=False)
+        """Give the server back its settings and remove our actors. Cheap, and safe to call
+        again or on an env that never connected; a dead server holds it about 1 s."""
+        self._cleanup()
 
     # ------------------------------------------------------------ the server
 
@@ -137,13 +157,13 @@ class CarlaEnv(gym.Env):
         try:
             yield
         except CarlaServerError:
-            self._cleanup(after_error=True)
+            self._cleanup()
             raise
         except RuntimeError as e:  # what the carla client raises for time-outs and failures
-            self._cleanup(after_error=True)
+            self._cleanup()
             raise CarlaServerError(describe(e, self.address, self.timeout_s)) from e
         except BaseException:
-            self._cleanup(after_error=True)
+            self._cleanup()
             raise
 
     def _connect(self):
@@ -158,6 +178,8 @@ class CarlaEnv(gym.Env):
                   + ", ".join(sorted(m.rsplit("/", 1)[-1] for m in maps)))
             world = client.load_world(self.town)
         self._world, self._map = world, world.get_map()
+        self._library = world.get_blueprint_library()  # a copy on the client: no calls later
+        self._check_vehicle()
         self._original = world.get_settings()
         self._original.synchronous_mode = False  # never leave a server waiting for our ticks
         for actor in sorted(world.get_actors(), key=lambda a: not a.type_id.startswith("sensor.")):
@@ -167,11 +189,22 @@ class CarlaEnv(gym.Env):
         settings.synchronous_mode, settings.fixed_delta_seconds = True, self.dt
         world.apply_settings(settings)
 
+    def _vehicles(self, pattern: str) -> list:
+        return sorted((b for b in self._library.filter(pattern) if b.id.startswith("vehicle.")),
+                      key=lambda b: b.id)
+
+    def _check_vehicle(self):
+        if self._vehicles(self.vehicle):
+            return
+        ids = [b.id for b in self._vehicles("vehicle.*")]
+        some = ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+        check("vehicle", self.vehicle, False,
+              f"a vehicle blueprint on {self.address} (an id or a pattern such as 'vehicle.audi.*'): "
+              + (some or "it has none"))
+
     def _blueprint(self, pattern: str, **attributes):
-        found = sorted(self._world.get_blueprint_library().filter(pattern), key=lambda b: b.id)
-        if not found and pattern == self.vehicle:
-            check("vehicle", pattern, False, f"a vehicle blueprint on {self.address}, "
-                  "e.g. 'vehicle.tesla.model3'")
+        found = self._vehicles(pattern) if pattern == self.vehicle else \
+            sorted(self._library.filter(pattern), key=lambda b: b.id)
         if not found:
             raise CarlaServerError(f"CARLA server {self.address} has no blueprint {pattern!r}")
         bp = found[0]
@@ -236,32 +269,37 @@ class CarlaEnv(gym.Env):
             invasions += kind == "lane_invasion"
 
     def _destroy_actors(self):
-        sensors, self._sensors = self._sensors, []
-        ego, self._ego = self._ego, None
-        for sensor in sensors:
-            sensor.stop()
-            sensor.destroy()
-        if ego is not None:
-            ego.destroy()
+        """Between episodes. What a failure leaves in our lists, the cleanup it sets off tries again."""
+        while self._sensors:
+            self._sensors[0].destroy()  # a sensor stops listening when destroyed
+            self._sensors.pop(0)
+        if self._ego is not None:
+            self._ego.destroy()
+            self._ego = None
 
-    def _cleanup(self, after_error: bool):
-        """Destroy what we spawned and restore the world's settings; never raises.
+    def _cleanup(self):
+        """Restore the world's settings, then destroy what we spawned; never raises.
 
-        After a server error the client's timeout is cut short and the first failing call ends
-        the cleanup: a dead server is gone anyway, and what a live one keeps is removed by the
-        next connection (by role_name) or by its next map load.
+        Settings first: a world left in synchronous mode stalls until the next client, while our
+        leftover actors only wait for the next connection to remove them (by role_name). Each call
+        is tried on its own, all within CLEANUP_TIMEOUT_S, so a failing call does not skip the
+        rest and a dead server does not hold the caller for long.
         """
-        client, self._client = self._client, None
+        client, world, original = self._client, self._world, self._original
+        actors = [*self._sensors, *([self._ego] if self._ego is not None else [])]
+        self._client = self._world = self._map = self._library = self._original = None
+        self._ego, self._sensors = None, []
         if client is None:
             return
-        try:
-            if after_error:
-                client.set_timeout(min(self.timeout_s, CLEANUP_TIMEOUT_S))
-            self._destroy_actors()
-            if self._original is not None:
-                self._world.apply_settings(self._original)
-        except Exception:  # noqa: BLE001 (best effort, see above)
-            pass
-        finally:
-            self._ego, self._sensors = None, []
-            self._world = self._map = self._original = None
+        calls = [lambda: world.apply_settings(original)] if original is not None else []
+        calls += [actor.destroy for actor in actors]
+        deadline = time.monotonic() + min(self.timeout_s, CLEANUP_TIMEOUT_S)
+        for call in calls:
+            left = deadline - time.monotonic()
+            if left < 0.01:  # out of time: the server is gone or too slow to wait for
+                return
+            try:
+                client.set_timeout(left)
+                call()
+            except Exception:  # noqa: BLE001 (best effort, see above)
+                continue

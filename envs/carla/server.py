@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
+import numbers
 import sys
 from pathlib import Path
 
@@ -20,10 +22,19 @@ def check(key: str, value, ok: bool, expected: str):
         raise EnvArgumentError(f"env.kwargs.{key}: got {value!r}, expected {expected}")
 
 
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is an int
+
+
+def is_number(value) -> bool:
+    """A finite real number; not a bool, which Python counts as an int."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def server_address(worker_index: int, host, port, port_stride: int, hosts, ports) -> tuple[str, int]:
     """Server `worker_index` of the pool: hosts[i] or host; ports[i], else `port` on listed
     hosts, else port + i * port_stride (several servers on one host)."""
-    check("worker_index", worker_index, isinstance(worker_index, int) and worker_index >= 0,
+    check("worker_index", worker_index, is_int(worker_index) and worker_index >= 0,
           "an int >= 0")
     for key, items in (("hosts", hosts), ("ports", ports)):
         if items is None:
@@ -32,12 +43,14 @@ def server_address(worker_index: int, host, port, port_stride: int, hosts, ports
         check(key, items, worker_index < len(items),
               f"at least {worker_index + 1} entries, one per actor (actor {worker_index} has none); "
               "use fewer actors (collect.num_actors) or list more servers")
+    if not ports:  # before the sum below, which would turn True into 1
+        check("port", port, is_int(port), "a TCP port in 1..65535")
     host = hosts[worker_index] if hosts else host
     port = ports[worker_index] if ports else port if hosts else port + worker_index * port_stride
     key = "hosts" if hosts else "host"
     check(key, host, isinstance(host, str) and host != "", "a host name or IP address")
     check("ports" if ports else "port", port,
-          isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536,
+          is_int(port) and 0 < port < 65536,
           "a TCP port in 1..65535")
     return host, port
 
