@@ -34,6 +34,23 @@ def test_mdn_takes_discrete_actions_one_hot():
         MDNRNN(latent=5, action_dim=2, hidden=8, mixtures=2, action_n=4)
 
 
+def test_breakout_fire_on_life_serves_the_ball():
+    from envs import make_env
+
+    served = make_env("rayworld/Breakout-v0", fire_on_life=True)
+    served.reset(seed=0)
+    for steps in range(1, 2000):  # NOOP only: each served ball is missed, a life each time
+        _, _, terminated, truncated, info = served.step(0)
+        if terminated:
+            break
+    assert terminated and info["lives"] == 0 and steps < 500
+    waiting = make_env("rayworld/Breakout-v0")
+    waiting.reset(seed=0)
+    for _ in range(steps):
+        _, _, terminated, _, info = waiting.step(0)
+    assert not terminated and info["lives"] == 5  # the ball never came
+
+
 BREAKOUT_TINY = ["collect.episodes=6", "collect.max_steps=80", "vae.epochs=1", "vae.batch_size=32",
                  "vae.warmup_steps=0", "mdn.epochs=1", "mdn.seq_len=16", "mdn.batch_size=8",
                  "mdn.hidden=32", "evolve.generations=2", "evolve.population=4",
