@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -18,6 +19,7 @@ from rayworld.cli import main
 from rayworld.collect import collect
 from rayworld.config import load_config
 from rayworld.data import Manifest, list_array, obs_array
+from rayworld.sources import SourceError, gather, import_complete
 from rayworld.sources.nuscenes import load_nuscenes, pose_actions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +153,85 @@ def test_nuscenes_errors_are_one_line(ray_session, tiny_nuscenes, tmp_path, monk
         "expected a JPEG"
     m = Manifest.load(tmp_path / "b" / "data")
     assert m.info["complete"] is False and 2 not in m.shards
+
+
+def test_import_complete_only_for_the_same_source_and_env_id(ray_session, tiny_nuscenes, tmp_path):
+    collect(_ns_cfg(tiny_nuscenes), tmp_path / "ns")
+    m = Manifest.load(tmp_path / "ns" / "data")
+    assert import_complete(_ns_cfg(tiny_nuscenes), m)
+    assert import_complete(_ns_cfg(f"{tiny_nuscenes}/../{tiny_nuscenes.name}"), m)  # the path, resolved
+    assert not import_complete(_ns_cfg(tmp_path), m)  # another path
+    assert not import_complete(_ns_cfg(tiny_nuscenes, "source.version=v1.0-trainval"), m)
+    assert not import_complete(_ns_cfg(tiny_nuscenes, "source.camera=CAM_BACK"), m)
+    assert not import_complete(_off_cfg(tiny_nuscenes), m)  # another kind
+    m.info["complete"] = False
+    assert not import_complete(_ns_cfg(tiny_nuscenes), m)
+    # offline data imported with no env, then asked for with an env that takes its actions
+    src = tmp_path / "src"
+    src.mkdir()
+    np.savez(src / "ep.npz", obs=np.zeros((3, 64, 64, 3), np.uint8), actions=np.zeros((3, 3), np.float32),
+             rewards=np.zeros(3, np.float32))
+    collect(_off_cfg(src), tmp_path / "off")
+    m = Manifest.load(tmp_path / "off" / "data")
+    assert m.info["env_id"] == "offline:src" and import_complete(_off_cfg(src), m)
+    with_env = load_config(None, ["source.kind=offline", f"source.path={src}",
+                                  "env.id=rayworld/SimpleDriving-v0"])
+    assert not import_complete(with_env, m)
+    with pytest.raises(SourceError, match="recorded as env_id 'offline:src', config asks for "
+                                          "'rayworld/SimpleDriving-v0'.*use another --out"):
+        collect(with_env, tmp_path / "off")
+    assert Manifest.load(tmp_path / "off" / "data").info["env_id"] == "offline:src"
+
+
+def _gather_fails(ray, failing, tmp_path, expect):
+    """gather over a slow task and `failing` (tasks are nested functions: workers cannot import tests)."""
+    def slow(out: str):
+        (Path(out) / "started").touch()
+        for _ in range(600):  # short sleeps: a cancel interrupts Python between them
+            time.sleep(0.1)
+        (Path(out) / "slow_finished").touch()  # never reached: gather cancels this task
+        return []
+
+    slow = ray.remote(num_cpus=1)(slow).remote(str(tmp_path))
+    deadline = time.perf_counter() + 60
+    while not (tmp_path / "started").exists() and time.perf_counter() < deadline:
+        time.sleep(0.05)  # the slow task is running, as a conversion task would be
+    bad = ray.remote(num_cpus=1, max_retries=0)(failing).remote()
+    start = time.perf_counter()
+    with pytest.raises(expect) as err:
+        gather([slow, bad], 2, "test")
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(slow, timeout=30)
+    assert time.perf_counter() - start < 30 and not (tmp_path / "slow_finished").exists()
+    return err.value
+
+
+def test_gather_source_error_is_one_line_and_cancels_the_rest(ray_session, tmp_path):
+    def bad_data():
+        raise SourceError("ep.npz: 'rewards' has shape [4]; expected [5]")
+
+    e = _gather_fails(ray_session, bad_data, tmp_path, SourceError)
+    assert type(e) is SourceError and str(e) == "ep.npz: 'rewards' has shape [4]; expected [5]"
+    assert e.__cause__ is None and e.__suppress_context__
+
+
+def test_gather_bug_keeps_its_type_and_traceback_and_cancels_the_rest(ray_session, tmp_path):
+    def buggy_convert():
+        return {}["cols"]
+
+    e = _gather_fails(ray_session, buggy_convert, tmp_path, KeyError)
+    assert isinstance(e, ray_session.exceptions.RayTaskError)  # Ray's error, as a KeyError too
+    assert 'test_sources.py", line' in str(e) and "in buggy_convert" in str(e)  # the task's traceback
+    assert str(e).rstrip().endswith("KeyError: 'cols'")
+
+
+def test_gather_worker_crash_propagates_and_cancels_the_rest(ray_session, tmp_path):
+    def crash():
+        import os
+
+        os._exit(1)
+
+    _gather_fails(ray_session, crash, tmp_path, ray_session.exceptions.WorkerCrashedError)
 
 
 def test_pose_actions_wrap_yaw_and_repeat_the_last():

@@ -7,7 +7,8 @@ bounds); Ray tasks decode, resize and write the frames.
 
 A re-run verifies the shards already written and converts only the missing episodes. The
 manifest records the source (kind, absolute path, options and the episode names in order), and a
-run directory that holds another source's data is refused.
+run directory that holds another source's data is refused. Bad input raises SourceError, shown in
+one line whether the driver or a Ray task found it.
 """
 
 from __future__ import annotations
@@ -17,21 +18,49 @@ from pathlib import Path
 
 import numpy as np
 
-OBS_SIZE = 64  # frames are stored as OBS_SIZE x OBS_SIZE x 3 uint8, like the envs' observations
+from envs.frames import SIZE as OBS_SIZE  # frames are OBS_SIZE x OBS_SIZE x 3 uint8, as the envs'
 
 
-def resize_frame(img, size: int = OBS_SIZE) -> np.ndarray:
-    """A PIL image -> uint8 [size, size, 3]: the whole frame, box-filtered (no crop).
+class SourceError(ValueError):
+    """Bad input data (a file, key, shape or value): reported in one line, also from a Ray task."""
 
-    The box filter averages every source pixel into the one it lands in, the right filter for
-    large downscales; a non-square frame is squashed, so all of the field of view is kept.
+
+def source_path(cfg) -> Path:
+    return Path(cfg.source.path).expanduser().resolve()
+
+
+def import_env_id(cfg) -> str:
+    """The env_id an import of cfg.source records: env.id, else nuscenes:<version> / offline:<name>."""
+    if cfg.env.id:
+        return cfg.env.id
+    s = cfg.source
+    return f"nuscenes:{s.version}" if s.kind == "nuscenes" else f"offline:{source_path(cfg).name}"
+
+
+def source_info(cfg, action_dim: int, discrete: bool, action_n: int, source: dict, **extra) -> dict:
+    """The manifest info of an import: the data's spaces, `extra` keys, and
+    info["source"] = {kind, absolute path, **source} (source holds the options and "episodes")."""
+    return {"env_id": import_env_id(cfg), "obs_shape": [OBS_SIZE, OBS_SIZE, 3],
+            "action_dim": int(action_dim), "discrete": bool(discrete),
+            "action_n": int(action_n) if discrete else 0, **extra,
+            "source": {"kind": cfg.source.kind, "path": str(source_path(cfg)), **source}}
+
+
+def import_complete(cfg, manifest) -> bool:
+    """Whether `manifest` (run_dir/data) holds a finished import of exactly what `cfg` asks for.
+
+    True only if the import finished (info["complete"]), the recorded source matches every
+    cfg.source key it records (path compared after expanduser().resolve()), and the recorded
+    env_id is the one this config would record (`import_env_id`). Otherwise collect must run:
+    it converts what is missing, or refuses another dataset / env.id in one line.
     """
-    from PIL import Image
-
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(img, np.uint8)
+    info = manifest.info
+    src = info.get("source") or {}
+    if not info.get("complete") or src.get("kind") != cfg.source.kind:
+        return False
+    asked = {**vars(cfg.source), "path": str(source_path(cfg))}
+    return all(src[k] == v for k, v in asked.items() if k in src) and \
+        info.get("env_id") == import_env_id(cfg)
 
 
 def import_source(cfg, run_dir: Path, log=print) -> dict:
@@ -41,7 +70,7 @@ def import_source(cfg, run_dir: Path, log=print) -> dict:
     elif kind == "offline":
         from rayworld.sources.offline import prepare
     else:
-        raise ValueError(f"source.kind {kind!r}: expected 'nuscenes' or 'offline' here")
+        raise SourceError(f"source.kind {kind!r}: expected 'nuscenes' or 'offline' here")
     info, submit = prepare(cfg, log)
     if cfg.env.id:  # evolve and evaluate will play this env: it must take the data's actions
         _check_env_matches(cfg, info)
@@ -54,9 +83,9 @@ def _check_env_matches(cfg, info: dict):
     env = env_info(cfg)
     for key in ("obs_shape", "action_dim", "discrete", "action_n"):
         if env[key] != info[key]:
-            raise ValueError(f"config key 'env.id': {cfg.env.id} has {key} {env[key]!r}, the "
-                             f"{cfg.source.kind} data at {cfg.source.path} has {info[key]!r}; "
-                             "set env.id to the env the data came from, or '' for none")
+            raise SourceError(f"config key 'env.id': {cfg.env.id} has {key} {env[key]!r}, the "
+                              f"{cfg.source.kind} data at {cfg.source.path} has {info[key]!r}; "
+                              "set env.id to the env the data came from, or '' for none")
 
 
 def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
@@ -98,29 +127,36 @@ def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
 def _refuse_other_source(manifest, info: dict):
     old, new = manifest.info.get("source"), info["source"]
     if old is None:
-        raise ValueError(f"{manifest.path}: holds rollouts of env {manifest.info.get('env_id')}, "
-                         f"config asks for a {new['kind']} import; use another --out")
+        raise SourceError(f"{manifest.path}: holds rollouts of env {manifest.info.get('env_id')}, "
+                          f"config asks for a {new['kind']} import; use another --out")
     if old.get("kind") != new["kind"]:
-        raise ValueError(f"{manifest.path}: holds an import of {old.get('path')} (source.kind "
-                         f"{old.get('kind')!r}), config asks for source.kind {new['kind']!r}; "
-                         "use another --out")
+        raise SourceError(f"{manifest.path}: holds an import of {old.get('path')} (source.kind "
+                          f"{old.get('kind')!r}), config asks for source.kind {new['kind']!r}; "
+                          "use another --out")
     for key in sorted(set(old) | set(new)):
         if key != "episodes" and old.get(key) != new.get(key):
-            raise ValueError(f"{manifest.path}: holds a {old.get('kind')} import with source.{key} "
-                             f"{old.get(key)!r}, config asks for {new.get(key)!r}; use another --out")
+            raise SourceError(f"{manifest.path}: holds a {old.get('kind')} import with source.{key} "
+                              f"{old.get(key)!r}, config asks for {new.get(key)!r}; use another --out")
     if old.get("episodes") != new["episodes"]:
-        raise ValueError(f"{manifest.path}: the dataset at {new['path']} changed since it was "
-                         f"imported ({len(old.get('episodes') or [])} episodes then, "
-                         f"{len(new['episodes'])} now); use another --out")
+        raise SourceError(f"{manifest.path}: the dataset at {new['path']} changed since it was "
+                          f"imported ({len(old.get('episodes') or [])} episodes then, "
+                          f"{len(new['episodes'])} now); use another --out")
+    if manifest.info.get("env_id") != info["env_id"]:
+        raise SourceError(f"{manifest.path}: holds an import recorded as env_id "
+                          f"{manifest.info.get('env_id')!r}, config asks for {info['env_id']!r} "
+                          "(env.id, or the dataset's name when it is ''); use another --out")
     for key in ("obs_shape", "action_dim", "discrete", "action_n"):
         if manifest.info.get(key) != info[key]:
-            raise ValueError(f"{manifest.path}: data has {key} {manifest.info.get(key)!r}, the "
-                             f"source now gives {info[key]!r}; use another --out")
+            raise SourceError(f"{manifest.path}: data has {key} {manifest.info.get(key)!r}, the "
+                              f"source now gives {info[key]!r}; use another --out")
 
 
 def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
-    """Wait for Ray tasks with a progress bar; a task's error is raised as itself, in one line.
+    """Wait for Ray tasks with a progress bar.
 
+    A task's SourceError is raised as itself, in one line; any other error (a bug's exception
+    with the task's traceback, a worker crash, OOM) propagates as Ray raises it. Either way, and
+    on Ctrl-C, the tasks still pending are cancelled; shards already written stay.
     With a manifest, each ref's shard entries are recorded (and saved every few seconds) and the
     number of frames is returned; without one, the results are returned in the refs' order.
     """
@@ -140,10 +176,9 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
             try:
                 result = ray.get(done[0])
             except RayTaskError as e:
-                for ref in pending:  # stop the rest; shards already written stay
-                    ray.cancel(ref)
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else e) from None
+                if isinstance(e.cause, SourceError):
+                    raise e.cause from None
+                raise
             if manifest is None:
                 results[index[done[0]]] = result
                 bar.update(1)
@@ -157,6 +192,8 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
                 manifest.save()
                 last_save = time.perf_counter()
     finally:
+        for ref in pending:  # empty unless gather leaves early
+            ray.cancel(ref)
         bar.close()
         if manifest is not None:
             manifest.save()

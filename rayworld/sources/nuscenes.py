@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rayworld.sources import OBS_SIZE, resize_frame, shard_entry
+from envs.frames import resize64
+from rayworld.sources import OBS_SIZE, SourceError, shard_entry, source_info
 
 ACTIONS = ["speed_m_per_s", "yaw_rate_rad_per_s"]
 
@@ -46,16 +47,16 @@ def load_nuscenes(dataroot: Path, version: str):
     try:
         return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
     except (AssertionError, KeyError, OSError, ValueError) as e:
-        raise ValueError(f"{dataroot / version}: the nuscenes-devkit cannot load these tables "
-                         f"({type(e).__name__}: {e})") from None
+        raise SourceError(f"{dataroot / version}: the nuscenes-devkit cannot load these tables "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def scene_frames(nusc, scene: dict, camera: str, keyframes_only: bool) -> dict:
     """The camera's frames of one scene, in time order: image files, timestamps, ego poses."""
     first = nusc.get("sample", scene["first_sample_token"])
     if camera not in first["data"]:
-        raise ValueError(f"scene {scene['name']}: no {camera} frame in its first sample; "
-                         f"it has {', '.join(sorted(first['data']))}")
+        raise SourceError(f"scene {scene['name']}: no {camera} frame in its first sample; "
+                          f"it has {', '.join(sorted(first['data']))}")
     frames: dict = {"files": [], "timestamps": [], "translations": [], "rotations": []}
     token = first["data"][camera]
     while token:
@@ -80,8 +81,8 @@ def pose_actions(timestamps_us, translations, rotations, where: str = "") -> np.
     dt = np.diff(t) / 1e6
     if (dt <= 0).any():
         i = int(np.argmax(dt <= 0))
-        raise ValueError(f"{where}: ego pose timestamps {t[i]} then {t[i + 1]} at frames {i}, "
-                         f"{i + 1}; expected them to increase")
+        raise SourceError(f"{where}: ego pose timestamps {t[i]} then {t[i + 1]} at frames {i}, "
+                          f"{i + 1}; expected them to increase")
     xy = np.asarray(translations, np.float64)[:, :2]
     yaw = np.array([Quaternion(q).yaw_pitch_roll[0] for q in rotations])
     speed = np.linalg.norm(np.diff(xy, axis=0), axis=1) / dt
@@ -90,16 +91,16 @@ def pose_actions(timestamps_us, translations, rotations, where: str = "") -> np.
     return np.concatenate([actions, actions[-1:]]).astype(np.float32)
 
 
-def load_frame(path: Path, size: int = OBS_SIZE) -> np.ndarray:
+def load_frame(path: Path) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at 1/2..1/8 scale, far faster
-            return resize_frame(img, size)
+            img.draft("RGB", (2 * OBS_SIZE, 2 * OBS_SIZE))  # JPEG: decode at 1/2..1/8 scale, far faster
+            return resize64(img)
     except OSError as e:  # missing, truncated or not an image
         why = "no such file" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"{path}: cannot read this camera frame ({why}); expected a JPEG") from None
+        raise SourceError(f"{path}: cannot read this camera frame ({why}); expected a JPEG") from None
 
 
 def convert_scene(episode: int, scene: str, frames: dict, dataroot: str, out_dir: str,
@@ -128,22 +129,19 @@ def prepare(cfg, log=print):
     nusc = load_nuscenes(root, s.version)
     channels = sorted({r["channel"] for r in nusc.sensor if r["modality"] == "camera"})
     if s.camera not in channels:
-        raise ValueError(f"source.camera {s.camera!r}: not a camera of {root / s.version}; "
-                         f"expected one of {', '.join(channels)}")
+        raise SourceError(f"source.camera {s.camera!r}: not a camera of {root / s.version}; "
+                          f"expected one of {', '.join(channels)}")
     scenes = sorted(nusc.scene, key=lambda r: r["name"])
     if not scenes:
-        raise ValueError(f"{root / s.version}/scene.json: no scenes")
+        raise SourceError(f"{root / s.version}/scene.json: no scenes")
     plans = [scene_frames(nusc, scene, s.camera, s.keyframes_only) for scene in scenes]
-    env_id = cfg.env.id or f"nuscenes:{s.version}"
-    info = {"env_id": env_id, "obs_shape": [OBS_SIZE, OBS_SIZE, 3], "action_dim": 2,
-            "discrete": False, "action_n": 0, "actions": ACTIONS,
-            "source": {"kind": "nuscenes", "path": str(root), "version": s.version,
-                       "camera": s.camera, "keyframes_only": s.keyframes_only,
-                       "episodes": [r["name"] for r in scenes]}}
+    info = source_info(cfg, 2, False, 0, {"version": s.version, "camera": s.camera,
+                                          "keyframes_only": s.keyframes_only,
+                                          "episodes": [r["name"] for r in scenes]}, actions=ACTIONS)
     log(f"nuscenes {s.version}: {len(scenes)} scenes, {sum(len(p['files']) for p in plans)} "
         f"{s.camera} frames")
     task = ray.remote(num_cpus=1)(convert_scene)
-    meta = {"env_id": env_id, "source": "nuscenes", "camera": s.camera}
+    meta = {"env_id": info["env_id"], "source": "nuscenes", "camera": s.camera}
 
     def submit(todo, out_dir):
         return [task.remote(e, scenes[e]["name"], plans[e], str(root), str(out_dir), meta,

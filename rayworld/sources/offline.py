@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rayworld.sources import OBS_SIZE, resize_frame, shard_entry
+from envs.frames import resize64
+from rayworld.sources import OBS_SIZE, SourceError, shard_entry, source_info
 
 SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".pt": "torch", ".pth": "torch"}
 NAMES = {
@@ -58,15 +59,15 @@ def list_files(path: Path) -> list[Path]:
     accepted = ", ".join(SUFFIXES)
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
-            raise ValueError(f"{path}: not a dataset file this importer reads; expected {accepted}"
-                             + (" (pickles can run code when loaded: save the arrays with "
-                                "numpy.savez or torch.save)" if path.suffix in (".pkl", ".pickle") else ""))
+            raise SourceError(f"{path}: not a dataset file this importer reads; expected {accepted}"
+                              + (" (pickles can run code when loaded: save the arrays with "
+                                 "numpy.savez or torch.save)" if path.suffix in (".pkl", ".pickle") else ""))
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"source.path {path}: no such file or directory")
     files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES]
     if not files:
-        raise ValueError(f"source.path {path}: no dataset files under it; expected {accepted}")
+        raise SourceError(f"source.path {path}: no dataset files under it; expected {accepted}")
     return sorted(files, key=lambda p: natural_key(str(p.relative_to(path))))
 
 
@@ -74,9 +75,9 @@ def key_names(keys: dict) -> dict:
     """Our name -> the candidate names in the file; `source.keys` replaces the defaults."""
     for ours, theirs in keys.items():
         if ours not in NAMES:
-            raise ValueError(f"source.keys: unknown name {ours!r}; expected some of {', '.join(NAMES)}")
+            raise SourceError(f"source.keys: unknown name {ours!r}; expected some of {', '.join(NAMES)}")
         if not isinstance(theirs, str) or not theirs:
-            raise ValueError(f"source.keys.{ours}: got {theirs!r}, expected the array's name in the file")
+            raise SourceError(f"source.keys.{ours}: got {theirs!r}, expected the array's name in the file")
     return {ours: (keys[ours],) if ours in keys else names for ours, names in NAMES.items()}
 
 
@@ -120,7 +121,7 @@ def open_arrays(path: Path):
             tree = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # each library has its own errors for a file it cannot parse
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot read it as {kind} ({first})") from None
+        raise SourceError(f"{path}: cannot read it as {kind} ({first})") from None
     with handle:
         arrays: dict = {}
         attrs: dict = {}
@@ -158,8 +159,8 @@ def find(arrays: dict, prefix: str, ours: str, names: dict, label: str, required
         if prefix + name in arrays:
             return prefix + name
     if required:
-        raise ValueError(f"{label}: no {ours} array under '{prefix or '/'}'; expected one of "
-                         f"{', '.join(names[ours])} (set source.keys.{ours} to its name)")
+        raise SourceError(f"{label}: no {ours} array under '{prefix or '/'}'; expected one of "
+                          f"{', '.join(names[ours])} (set source.keys.{ours} to its name)")
     return None
 
 
@@ -170,8 +171,8 @@ def obs_layout(shape, name: str, label: str) -> str:
         return "hwc"
     if len(shape) == 4 and shape[1] in (1, 3):
         return "chw"
-    raise ValueError(f"{label}: '{name}' has shape {list(shape)}; expected [T,H,W,C] or [T,C,H,W] "
-                     "with 1 or 3 channels, or [T,H,W]")
+    raise SourceError(f"{label}: '{name}' has shape {list(shape)}; expected [T,H,W,C] or [T,C,H,W] "
+                      "with 1 or 3 channels, or [T,H,W]")
 
 
 def flags(arrays: dict, name: str | None, steps: int, label: str) -> np.ndarray:
@@ -179,8 +180,8 @@ def flags(arrays: dict, name: str | None, steps: int, label: str) -> np.ndarray:
         return np.zeros(steps, bool)
     a = arrays[name]
     if tuple(a.shape) not in ((steps,), (steps, 1)):
-        raise ValueError(f"{label}: '{name}' has shape {list(a.shape)}; expected [{steps}] like the "
-                         "actions")
+        raise SourceError(f"{label}: '{name}' has shape {list(a.shape)}; expected [{steps}] like the "
+                          "actions")
     return np.asarray(a[:], bool).reshape(steps)
 
 
@@ -198,8 +199,8 @@ def scan_file(path: str, rel: str, keys: dict) -> list[dict]:
                     if prefix not in prefixes or rank < prefixes[prefix][0]:
                         prefixes[prefix] = (rank, full)
         if not prefixes:
-            raise ValueError(f"{path}: no observation array; expected one named "
-                             f"{', '.join(names['obs'])} (set source.keys.obs to its name)")
+            raise SourceError(f"{path}: no observation array; expected one named "
+                              f"{', '.join(names['obs'])} (set source.keys.obs to its name)")
         for prefix in sorted(prefixes, key=natural_key):
             specs += _scan_group(path, rel, arrays, attrs, prefix, prefixes[prefix][1], names)
     return specs
@@ -213,16 +214,16 @@ def _scan_group(path, rel, arrays, attrs, prefix, obs_name, names) -> list[dict]
     layout = obs_layout(obs_shape, obs_name, label)
     steps = act.shape[0] if len(act.shape) else 0
     if obs_shape[0] not in (steps, steps + 1) or steps == 0:
-        raise ValueError(f"{label}: '{cols['action']}' has {steps} steps, '{obs_name}' has "
-                         f"{obs_shape[0]}; expected as many observations as actions (or one more)")
+        raise SourceError(f"{label}: '{cols['action']}' has {steps} steps, '{obs_name}' has "
+                          f"{obs_shape[0]}; expected as many observations as actions (or one more)")
     discrete = np.issubdtype(act.dtype, np.integer) and (len(act.shape) == 1 or act.shape[1:] == (1,))
     if len(act.shape) > 2 or not (discrete or np.issubdtype(act.dtype, np.floating)):
-        raise ValueError(f"{label}: '{cols['action']}' has shape {list(act.shape)} and dtype {act.dtype}; "
-                         "expected floats [T,A] or [T], or integers [T] (discrete)")
+        raise SourceError(f"{label}: '{cols['action']}' has shape {list(act.shape)} and dtype {act.dtype}; "
+                          "expected floats [T,A] or [T], or integers [T] (discrete)")
     rew = arrays[cols["reward"]]
     if tuple(rew.shape) not in ((steps,), (steps, 1)):
-        raise ValueError(f"{label}: '{cols['reward']}' has shape {list(rew.shape)}; expected "
-                         f"[{steps}] like '{cols['action']}'")
+        raise SourceError(f"{label}: '{cols['reward']}' has shape {list(rew.shape)}; expected "
+                          f"[{steps}] like '{cols['action']}'")
     term = flags(arrays, cols["terminated"], steps, label)
     ends = np.flatnonzero(term | flags(arrays, cols["truncated"], steps, label)) + 1
     bounds = [0] + [int(e) for e in ends if e < steps] + [steps]
@@ -237,8 +238,8 @@ def _scan_group(path, rel, arrays, attrs, prefix, obs_name, names) -> list[dict]
         if discrete:
             values = np.asarray(act[lo:hi]).reshape(-1)
             if values.min() < 0:
-                raise ValueError(f"{label}: '{cols['action']}' holds {values.min()}; expected "
-                                 "discrete actions 0..n-1")
+                raise SourceError(f"{label}: '{cols['action']}' holds {values.min()}; expected "
+                                  "discrete actions 0..n-1")
             spec["action_n"] = max(action_n, int(values.max()) + 1)
         specs.append(spec)
     return specs
@@ -248,8 +249,6 @@ def _scan_group(path, rel, arrays, attrs, prefix, obs_name, names) -> list[dict]
 
 def to_frames(x: np.ndarray, layout: str, label: str) -> np.ndarray:
     """Observations in any accepted layout -> uint8 [T, 64, 64, 3]."""
-    from PIL import Image
-
     if layout == "chw":
         x = x.transpose(0, 2, 3, 1)
     elif layout == "gray":
@@ -261,12 +260,12 @@ def to_frames(x: np.ndarray, layout: str, label: str) -> np.ndarray:
         elif np.issubdtype(x.dtype, np.floating) and 0 <= lo and hi <= 1:
             x = np.round(x.astype(np.float32) * 255).astype(np.uint8)
         else:
-            raise ValueError(f"{label}: {x.dtype} values in [{lo:g}, {hi:g}]; expected uint8, "
-                             "integers in 0..255 or floats in [0, 1]")
+            raise SourceError(f"{label}: {x.dtype} values in [{lo:g}, {hi:g}]; expected uint8, "
+                              "integers in 0..255 or floats in [0, 1]")
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (OBS_SIZE, OBS_SIZE):
-        x = np.stack([resize_frame(Image.fromarray(f)) for f in x])
+        x = np.stack([resize64(f) for f in x])
     return np.ascontiguousarray(x)
 
 
@@ -288,8 +287,8 @@ def convert_file(specs: list[dict], episodes: list[int], out_dir: str, meta: dic
             term = np.zeros(n, bool) if cols["terminated"] is None else \
                 np.asarray(arrays[cols["terminated"]][lo:hi], bool).reshape(n)
             if not (np.isfinite(actions).all() and np.isfinite(rewards).all()):
-                raise ValueError(f"{path}: '{cols['action']}' or '{cols['reward']}' holds NaN or "
-                                 f"inf in steps {lo}..{hi - 1}; expected finite values")
+                raise SourceError(f"{path}: '{cols['action']}' or '{cols['reward']}' holds NaN or "
+                                  f"inf in steps {lo}..{hi - 1}; expected finite values")
             trunc = np.zeros(n, bool)
             trunc[-1] = not term[-1]
             size = write_episode(Path(out_dir) / shard_name(episode), episode, obs, actions, rewards,
@@ -318,18 +317,14 @@ def prepare(cfg, log=print):
     for spec in specs:
         if (spec["discrete"], spec["action_dim"]) != (first["discrete"], first["action_dim"]):
             kind = lambda sp: "discrete" if sp["discrete"] else f"{sp['action_dim']}-dim continuous"
-            raise ValueError(f"{spec['file']}: episode {spec['name']} has {kind(spec)} actions, "
-                             f"{first['name']} has {kind(first)}; expected one action space")
-    env_id = cfg.env.id or f"offline:{root.name}"
-    info = {"env_id": env_id, "obs_shape": [OBS_SIZE, OBS_SIZE, 3],
-            "action_dim": first["action_dim"], "discrete": first["discrete"],
-            "action_n": max(sp["action_n"] for sp in specs) if first["discrete"] else 0,
-            "source": {"kind": "offline", "path": str(root), "keys": dict(s.keys),
-                       "episodes": [sp["name"] for sp in specs]}}
+            raise SourceError(f"{spec['file']}: episode {spec['name']} has {kind(spec)} actions, "
+                              f"{first['name']} has {kind(first)}; expected one action space")
+    info = source_info(cfg, first["action_dim"], first["discrete"], max(sp["action_n"] for sp in specs),
+                       {"keys": dict(s.keys), "episodes": [sp["name"] for sp in specs]})
     log(f"offline {root}: {len(files)} files, {len(specs)} episodes, "
         f"{sum(sp['stop'] - sp['start'] for sp in specs)} steps")
     task = ray.remote(num_cpus=1)(convert_file)
-    meta = {"env_id": env_id, "source": "offline"}
+    meta = {"env_id": info["env_id"], "source": "offline"}
 
     def submit(todo, out_dir):
         groups: dict = {}  # one task per episode for HDF5 (sliced reads), per file otherwise
