@@ -134,12 +134,9 @@ def stage_done(stage: str, cfg, out: Path) -> bool:
         if stage == "collect":
             manifest = Manifest.load(out / "data")
             if cfg.source.kind != "env":  # an import is complete once, whatever its size
-                src = manifest.info.get("source", {})
-                path = Path(cfg.source.path).expanduser().resolve()
-                asked = {**vars(cfg.source), "path": str(path)}
-                # another dataset in the same --out: let collect refuse it in one line
-                return bool(manifest.info.get("complete")) and all(
-                    src.get(k) == v for k, v in asked.items() if k in src)
+                from rayworld.sources import import_complete
+
+                return import_complete(cfg, manifest)
             return len(manifest.shards) >= cfg.collect.episodes
         if stage in ("train-vae", "train-mdn"):
             name, epochs = ("vae", cfg.vae.epochs) if stage == "train-vae" else \
