@@ -98,6 +98,7 @@ def test_incompatible_latent_size_is_named(tiny_run, capsys):
     assert "latent 32" in err and "vae.latent is 16" in err
 
 
+@pytest.mark.slow  # ~1.5-2 min: a second full pipeline round
 def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
     import pyarrow.parquet as pq
 

@@ -111,6 +111,7 @@ def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, ca
     assert again["best_value"] == report["best_value"]
 
 
+@pytest.mark.slow  # ~2 min: 4 PBT trials x 8 generations, then real episodes
 def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(data_run, tmp_path):
     out = tmp_path / "pbt"
     assert _tune("controller_pbt.yaml", out, data_run, PBT_TINY) == 0
