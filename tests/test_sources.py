@@ -416,3 +416,17 @@ def test_offline_bad_input_one_line(ray_session, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"'env.id': rayworld/SimpleDriving-v0 has action_dim 3, "
                                          r"the offline data at .* has 2"):
         collect(load_config(None, ["source.kind=offline", f"source.path={src}"]), tmp_path / "bad5")
+
+
+def test_offline_damaged_npz_is_one_line(ray_session, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez_compressed(src / "ep.npz", obs=rng.integers(0, 255, (40, 64, 64, 3), np.uint8),
+                        actions=np.zeros((40, 2), np.float32), rewards=np.zeros(40, np.float32))
+    data = bytearray((src / "ep.npz").read_bytes())
+    data[len(data) // 3:len(data) // 3 + 256] = bytes(256)  # inside obs' compressed bytes; the header is intact
+    (src / "ep.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"ep.npz: array 'obs' cannot be read \(.*\); expected an undamaged .npz"):
+        collect(_off_cfg(src), tmp_path / "run")
+    assert not list((tmp_path / "run" / "data" / "episodes").glob("*.parquet"))

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +88,8 @@ def key_names(keys: dict) -> dict:
 class NpzArray:
     """One array of an .npz: shape and dtype from its header; the data is read on first use."""
 
-    def __init__(self, npz, key: str):
-        self.npz, self.key, self._data = npz, key, None
+    def __init__(self, npz, key: str, path: Path):
+        self.npz, self.key, self.path, self._data = npz, key, path, None
         with npz.zip.open(key + ".npy") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
@@ -96,7 +98,12 @@ class NpzArray:
 
     def __getitem__(self, index):
         if self._data is None:
-            self._data = self.npz[self.key]
+            try:
+                self._data = self.npz[self.key]
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise SourceError(f"{self.path}: array '{self.key}' cannot be read ({first}); "
+                                  "expected an undamaged .npz") from None
         return self._data[index]
 
 
@@ -130,7 +137,7 @@ def open_arrays(path: Path):
                               if isinstance(obj, h5py.Dataset) else None)
             attrs.update({k: v for k, v in handle.attrs.items() if np.ndim(v) == 0})
         elif kind == "npz":
-            arrays = {k: NpzArray(handle, k) for k in handle.files}
+            arrays = {k: NpzArray(handle, k, path) for k in handle.files}
         else:
             _flatten(tree, "", arrays, attrs)
         for k in [k for k, a in arrays.items() if len(a.shape) == 0]:
