@@ -39,10 +39,10 @@ def test_breakout_fire_on_life_serves_the_ball():
 
     served = make_env("rayworld/Breakout-v0", fire_on_life=True)
     served.reset(seed=0)
-    for steps in range(1, 2000):  # NOOP only: each served ball is missed, a life each time
-        _, _, terminated, truncated, info = served.step(0)
-        if terminated:
-            break
+    steps, terminated = 0, False
+    while not terminated and steps < 2000:  # NOOP only: each served ball is missed, a life each time
+        _, _, terminated, _, info = served.step(0)
+        steps += 1
     assert terminated and info["lives"] == 0 and steps < 500
     waiting = make_env("rayworld/Breakout-v0")
     waiting.reset(seed=0)
