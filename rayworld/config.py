@@ -298,6 +298,16 @@ def _nest(key: str, value) -> dict:
     return out
 
 
+def read_yaml(path: Path, what: str = "config file"):
+    """A YAML file's contents ({} when empty); a missing file or bad YAML is one line."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 base: dict | None = None) -> Config:
     """Defaults, then `base` (a resolved dict), then the YAML file at `path`, then overrides."""
@@ -306,12 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         _merge(cfg, base)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = read_yaml(path)
         try:
             _merge(cfg, data)
         except ConfigError as e:

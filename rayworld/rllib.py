@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import yaml
 
-from rayworld.config import ConfigError, _coerce, load_config, parse_set
+from rayworld.config import ConfigError, _coerce, load_config, parse_set, read_yaml
 from rayworld.io import atomic_path, atomic_write_text, update_report
 
 DREAM_ENV = "rayworld/Dream-v0"
@@ -122,15 +122,7 @@ def load_rllib_config(path: str | Path | None = None, overrides: list[str] = (),
     if base:
         _apply(rc, base, "saved rllib config")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"rllib config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"rllib config file {path}: not valid YAML "
-                              f"({str(e).splitlines()[0]})") from None
-        _apply(rc, data, str(path))
+        _apply(rc, read_yaml(Path(path), "rllib config file"), str(path))
     for item in overrides:
         key, value = parse_set(item)
         _apply(rc, {key: value}, f"--set {item}")

@@ -39,6 +39,7 @@ from rayworld.config import (
     deep_update,
     load_config,
     parse_set,
+    read_yaml,
     save_config,
     with_values,
 )
@@ -95,9 +96,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (),
     so their env, latent size and data settings match the data and models they share.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict) or "sweep" not in data:
         raise ConfigError(f"{path}: expected a 'sweep:' block (stage, metric, space, scheduler)")
     sweep_data, base_name = data.pop("sweep"), data.pop("base", None)

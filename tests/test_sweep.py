@@ -78,6 +78,9 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
     bad.write_text("sweep: {stage: vae, space: {vae.latnt: {choice: [8]}}}\n")
     with pytest.raises(ConfigError, match="'vae.latnt'"):
         load_sweep(bad)
+    bad.write_text("sweep: {stage: vae\n")
+    with pytest.raises(ConfigError, match=r"sweep file .*bad.yaml: not valid YAML"):
+        load_sweep(bad)
     bad.write_text("sweep: {stage: vae, space: {vae.lr: {logunifrm: [1, 2]}}}\n")
     with pytest.raises(ConfigError, match="vae.lr.*expected one of choice"):
         load_sweep(bad)
