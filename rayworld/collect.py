@@ -14,8 +14,7 @@ import numpy as np
 import ray
 
 from rayworld.config import Config
-from rayworld.data import Manifest, ShardError, open_shard, shard_name, write_episode
-from rayworld.io import progress
+from rayworld.data import Manifest, ShardError, ShardLog, open_shard, shard_name, write_episode
 
 EPISODES_DIR = "episodes"
 
@@ -296,6 +295,17 @@ def _check_last_actor_env(cfg: Config, n_actors: int):
         make_env(cfg.env.id, worker_index=n_actors - 1, **cfg.env.kwargs).close()
 
 
+def task_result(ref, one_line: tuple):
+    """ray.get; a task error of one of the `one_line` types is raised as itself (its message says
+    all), anything else as Ray raises it, with the task's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, one_line):
+            raise e.cause from None
+        raise
+
+
 def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
     """Keep two episodes queued per actor; record each finished shard in the manifest."""
     from envs.registry import EnvArgumentError, SimulatorError
@@ -306,30 +316,17 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
         if queue_:
             episode = queue_.pop()
             pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
-    steps, t0, last_save = 0, time.perf_counter(), time.perf_counter()
-    bar = progress(len(todo), "collect")
+    shards = ShardLog(manifest, len(todo), "collect", "steps_per_s")
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, (SimulatorError, EnvArgumentError)):  # one line says it all
-                    raise e.cause from None
-                raise
+            result = task_result(done[0], (SimulatorError, EnvArgumentError))
             result.pop("seconds")
-            manifest.shards[result.pop("episode")] = result
-            steps += result["steps"]
-            bar.update(1)
-            bar.set_postfix(steps_per_s=f"{steps / (time.perf_counter() - t0):.0f}", refresh=False)
+            shards.add([result])
             if queue_:
                 episode = queue_.pop()
                 pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
-            if time.perf_counter() - last_save > 5:  # a crash loses at most 5 s of listing
-                manifest.save()
-                last_save = time.perf_counter()
     finally:
-        bar.close()
-        manifest.save()
-    return steps
+        shards.close()
+    return shards.steps

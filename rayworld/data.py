@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayworld.io import atomic_path, atomic_write_json, read_json
+from rayworld.io import atomic_path, atomic_write_json, progress, read_json
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"rayworld.schema_version"
@@ -200,6 +201,35 @@ class Manifest:
     @property
     def frames(self) -> int:
         return sum(s["steps"] for s in self.shards.values())
+
+
+class ShardLog:
+    """Lists finished shards in a manifest as workers report them, with a progress bar.
+
+    The manifest is saved every few seconds and on close, so a crash loses at most a few seconds
+    of listing (and the next run adopts those shards anyway).
+    """
+
+    def __init__(self, manifest: Manifest, total: int, desc: str, rate: str):
+        self.manifest, self.rate, self.steps = manifest, rate, 0
+        self.bar = progress(total, desc)
+        self.t0 = self.last_save = time.perf_counter()
+
+    def add(self, entries: list[dict]):
+        """Shard entries with their episode: {"episode", "file", "steps", "return", "bytes"}."""
+        for entry in entries:
+            self.manifest.shards[entry.pop("episode")] = entry
+            self.steps += entry["steps"]
+        now = time.perf_counter()
+        self.bar.update(len(entries))
+        self.bar.set_postfix({self.rate: f"{self.steps / (now - self.t0):.0f}"}, refresh=False)
+        if now - self.last_save > 5:
+            self.manifest.save()
+            self.last_save = now
+
+    def close(self):
+        self.bar.close()
+        self.manifest.save()
 
 
 def split_episodes(episodes, val_every: int) -> tuple[list[int], list[int]]:

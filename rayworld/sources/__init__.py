@@ -161,43 +161,33 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
     number of frames is returned; without one, the results are returned in the refs' order.
     """
     import ray
-    from ray.exceptions import RayTaskError
 
+    from rayworld.collect import task_result
+    from rayworld.data import ShardLog
     from rayworld.io import progress
 
     index = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
-    pending, frames = list(refs), 0
-    bar = progress(total, desc)
-    last_save = t0 = time.perf_counter()
+    pending = list(refs)
+    shards = ShardLog(manifest, total, desc, "frames_per_s") if manifest is not None else None
+    bar = shards.bar if shards else progress(total, desc)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            try:
-                result = ray.get(done[0])
-            except RayTaskError as e:
-                if isinstance(e.cause, SourceError):
-                    raise e.cause from None
-                raise
-            if manifest is None:
+            result = task_result(done[0], (SourceError,))
+            if shards:
+                shards.add(result)
+            else:
                 results[index[done[0]]] = result
                 bar.update(1)
-                continue
-            for entry in result:
-                manifest.shards[entry.pop("episode")] = entry
-                frames += entry["steps"]
-            bar.update(len(result))
-            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - t0):.0f}", refresh=False)
-            if time.perf_counter() - last_save > 5:  # a crash loses at most 5 s of listing
-                manifest.save()
-                last_save = time.perf_counter()
     finally:
         for ref in pending:  # empty unless gather leaves early
             ray.cancel(ref)
-        bar.close()
-        if manifest is not None:
-            manifest.save()
-    return results if manifest is None else frames
+        if shards:
+            shards.close()
+        else:
+            bar.close()
+    return shards.steps if shards else results
 
 
 def shard_entry(out_dir: Path, episode: int, steps: int, ret: float, size: int) -> dict:
