@@ -10,18 +10,24 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 def start_ray(dashboard: bool = False):
     import ray
 
-    kwargs = {"dashboard_port": _free_port()} if dashboard else {}
+    kwargs = {"dashboard_port": free_ports()[0]} if dashboard else {}
     ray.init(num_cpus=2, include_dashboard=dashboard, object_store_memory=200 * 1024 * 1024,
              log_to_driver=False, **kwargs)
     return ray
 
 
-def _free_port() -> int:
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all bound at once, so no two are the same)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ port where nothing listens. The live test needs a real server: CARLA_HOST (and C
 import inspect
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import free_ports
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
@@ -54,12 +54,6 @@ def srv(port=2000) -> double.FakeServer:
 
 def ours(server):
     return [a for a in server.world._actors.values() if a.attributes.get("role_name") == "rayworld"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed_at(env, spawn_points) -> int:
@@ -386,7 +380,7 @@ def test_server_crash_mid_episode_raises_and_cleans_up_quickly(servers):
 
 @pytest.mark.parametrize("client", ["double", "real carla.Client"])
 def test_unreachable_server_fails_within_the_timeout(servers, client):
-    port = free_port()
+    (port,) = free_ports()
     if client == "double":
         servers[("127.0.0.1", port)] = double.FakeServer(up=False, restart_after=None)
         env = make(port=port, timeout_s=0.5)
@@ -580,7 +574,7 @@ def test_rayworld_collect_with_two_actors_on_the_double(ray_session, tmp_path):
 def test_rayworld_collect_names_the_unreachable_server(ray_session, tmp_path, capsys):
     from rayworld.cli import main
 
-    port = free_port()
+    (port,) = free_ports()
     config = _config(tmp_path, port=port, timeout_s=0.5)  # the real client; nothing listens
     start = time.perf_counter()
     code = main(["collect", "--config", str(config), "--out", str(tmp_path / "run"),

@@ -9,13 +9,13 @@ processes: `ray stop` would also stop the test session's Ray.
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rayworld_env_steps", "rayworld_frames_written", "rayworld_train_loss",
@@ -25,16 +25,6 @@ TINY_JOB = ["collect.episodes=8", "collect.max_steps=60", "vae.epochs=1", "vae.b
             "ray.cpus_per_worker=1", "evolve.generations=3", "evolve.population=4",
             "evolve.rollouts=2", "evolve.max_steps=40", "evolve.real_every=3",
             "evolve.real_episodes=1", "evaluate.episodes=2", "evaluate.max_steps=60"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _env() -> dict:
@@ -49,7 +39,7 @@ def _env() -> dict:
 def head():
     import psutil
 
-    gcs, dash, metrics, agent, agent_grpc, rt_env, node_mgr, obj_mgr, client = _free_ports(9)
+    gcs, dash, metrics, agent, agent_grpc, rt_env, node_mgr, obj_mgr, client = free_ports(9)
     temp = f"/tmp/rw-head-{os.getpid()}"  # short: Unix socket paths are limited to 107 bytes
     cmd = ["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
