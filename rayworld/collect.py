@@ -263,16 +263,20 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
             close_and_kill(actors)
     manifest.save()
     wall = time.perf_counter() - start
-    stats = {
-        "episodes": len(manifest.shards), "frames_collected": manifest.frames,
-        "episodes_new": len(todo), "env_steps_new": new_steps,
-        "env_steps_per_s": new_steps / wall if todo else None,
-        "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
-        "wall_s": wall,
-    }
+    stats = figures(manifest, len(todo), new_steps, wall, new_steps / wall if todo else None)
     log(f"collect: {stats['episodes']} episodes, {stats['frames_collected']} frames"
         + (f", {stats['env_steps_per_s']:.0f} env steps/s" if todo else " (nothing new)"))
     return stats
+
+
+def figures(manifest: Manifest, episodes_new: int, steps_new: int, wall: float,
+            steps_per_s: float | None) -> dict:
+    """The collect stage's figures for report.json, whatever the source."""
+    return {"episodes": len(manifest.shards), "frames_collected": manifest.frames,
+            "episodes_new": episodes_new, "env_steps_new": steps_new,
+            "env_steps_per_s": steps_per_s,
+            "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
+            "wall_s": wall}
 
 
 def close_and_kill(actors, timeout_s: float = 15.0):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from envs.frames import SIZE as OBS_SIZE  # frames are OBS_SIZE x OBS_SIZE x 3 uint8, as the envs'
 
 
@@ -95,7 +93,7 @@ def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
     index is the episode number). `submit(todo, out_dir)` starts Ray tasks for the episode
     numbers in `todo` and returns their refs, each resolving to a list of shard entries.
     """
-    from rayworld.collect import EPISODES_DIR, check_shards
+    from rayworld.collect import EPISODES_DIR, check_shards, figures
     from rayworld.data import Manifest
 
     start = time.perf_counter()
@@ -113,12 +111,7 @@ def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
     manifest.info["complete"] = True
     manifest.save()
     wall = time.perf_counter() - start
-    stats = {
-        "episodes": len(manifest.shards), "frames_collected": manifest.frames,
-        "episodes_new": len(todo), "env_steps_new": frames_new, "env_steps_per_s": None,
-        "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
-        "wall_s": wall,
-    }
+    stats = figures(manifest, len(todo), frames_new, wall, None)  # no env steps: a conversion
     log(f"import {cfg.source.kind}: {stats['episodes']} episodes, {stats['frames_collected']} "
         f"frames" + (f", {frames_new / wall:.0f} frames/s converted" if todo else " (nothing new)"))
     return stats
