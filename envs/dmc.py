@@ -18,7 +18,7 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.frames import SIZE
-from envs.registry import EnvArgumentError
+from envs.registry import EnvArgumentError, check, is_int
 
 
 def _load(domain: str, task: str, seed: int | None):
@@ -37,16 +37,13 @@ class DMCPixels(gym.Env):
 
     def __init__(self, domain: str = "cheetah", task: str = "run", action_repeat: int = 2,
                  camera_id: int = 0):
-        if not isinstance(action_repeat, int) or isinstance(action_repeat, bool) or action_repeat < 1:
-            raise EnvArgumentError(f"env.kwargs.action_repeat: got {action_repeat!r}, expected an "
-                                   "int >= 1")
+        check("action_repeat", action_repeat, is_int(action_repeat) and action_repeat >= 1,
+              "an int >= 1")
         self.domain, self.task, self.repeat = domain, task, action_repeat
         self._env = _load(domain, task, None)
         cameras = self._env.physics.model.ncam
-        if not isinstance(camera_id, int) or isinstance(camera_id, bool) or \
-                not 0 <= camera_id < cameras:
-            raise EnvArgumentError(f"env.kwargs.camera_id: got {camera_id!r}, expected 0.."
-                                   f"{cameras - 1} ({domain} has {cameras} cameras)")
+        check("camera_id", camera_id, is_int(camera_id) and 0 <= camera_id < cameras,
+              f"0..{cameras - 1} ({domain} has {cameras} cameras)")
         self.camera_id = camera_id
         spec = self._env.action_spec()
         self.action_space = spaces.Box(spec.minimum.astype(np.float32),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -26,6 +28,21 @@ class SimulatorError(RuntimeError):
     Rebuilding the env (a new connection) and redoing the episode may succeed; a collector does
     that up to `collect.env_retries` times.
     """
+
+
+def check(key: str, value, ok: bool, expected: str):
+    """One line naming the env.kwargs key, the value and what was expected."""
+    if not ok:
+        raise EnvArgumentError(f"env.kwargs.{key}: got {value!r}, expected {expected}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is an int
+
+
+def is_number(value) -> bool:
+    """A finite real number; not a bool, which Python counts as an int."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)

@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
-import numbers
 import sys
 from pathlib import Path
 
-from envs.registry import EnvArgumentError, SimulatorError
+from envs.registry import EnvArgumentError, SimulatorError, check, is_int
 
 
 class CarlaServerError(SimulatorError):
     """A CARLA server that did not answer in time, or failed; one line naming host:port."""
-
-
-def check(key: str, value, ok: bool, expected: str):
-    """One line naming the env.kwargs key, the value and what was expected."""
-    if not ok:
-        raise EnvArgumentError(f"env.kwargs.{key}: got {value!r}, expected {expected}")
-
-
-def is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is an int
-
-
-def is_number(value) -> bool:
-    """A finite real number; not a bool, which Python counts as an int."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def server_address(worker_index: int, host, port, port_stride: int, hosts, ports) -> tuple[str, int]:
