@@ -24,12 +24,14 @@ def _parser() -> argparse.ArgumentParser:
                         ("evolve", "evolve the controller with CMA-ES inside the dream"),
                         ("evaluate", "score the controller and the random policy in the real env"),
                         ("dream-gif", "a GIF of one dream rollout beside the same real rollout"),
+                        ("diagnose", "open-loop prediction of the world model on held-out "
+                                     "episodes: PSNR per horizon, reward and done heads"),
                         ("pipeline", "every stage in turn, skipping those already complete")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="a YAML preset, e.g. tune_configs/quickstart.yaml")
-        if name == "evaluate":
+        if name in ("evaluate", "diagnose"):
             s.add_argument("--run", "--out", dest="out", required=True,
-                           help="the run directory to evaluate")
+                           help=f"the run directory to {name}")
             s.add_argument("--episodes", type=int, default=None,
                            help="real episodes per policy (default: evaluate.episodes)")
         else:
@@ -242,16 +244,29 @@ def main(argv=None) -> int:
         (out / d).mkdir(exist_ok=True)
     if not (out / "config.yaml").exists():
         save_config(cfg, out / "config.yaml")
-    if args.command == "dream-gif":  # no Ray needed
-        from rayworld.dreamgif import dream_gif
-
+    if args.command in ("dream-gif", "diagnose"):  # no Ray needed
         try:
-            dream_gif(cfg, out, args.steps, args.seed)
+            if args.command == "dream-gif":
+                from rayworld.dreamgif import dream_gif
+
+                dream_gif(cfg, out, args.steps, args.seed)
+            else:
+                _diagnose(cfg, out)
             return 0
         except (ValueError, FileNotFoundError) as e:
-            print(f"rayworld dream-gif: {e}", file=sys.stderr)
+            print(f"rayworld {args.command}: {e}", file=sys.stderr)
             return 1
     return _with_ray(args.command, cfg, args.address, lambda: _run_stages(args, cfg, out))
+
+
+def _diagnose(cfg, out: Path):
+    from rayworld.diagnose import diagnose
+    from rayworld.summary import write_summary
+
+    figures = diagnose(cfg, out)
+    wall = figures.pop("wall_s")
+    update_report(out, **figures, wall_s={"diagnose": round(wall, 2)})
+    write_summary(out)
 
 
 def _run_stages(args, cfg, out: Path):

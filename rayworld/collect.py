@@ -13,80 +13,21 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from rayworld.actors import close_and_kill, task_result
 from rayworld.config import Config
 from rayworld.data import Manifest, ShardError, ShardLog, open_shard, shard_name, write_episode
+from rayworld.policies import (
+    MODEL_KINDS,
+    make_policy,
+    model_policy,
+    require_world_model,
+    run_episode,
+)
 
 EPISODES_DIR = "episodes"
 
 
-# ---------------------------------------------------------------- policies
-
-class RandomPolicy:
-    """Uniform random actions from the action space."""
-
-    def __init__(self, space, rng: np.random.Generator):
-        self.space, self.rng = space, rng
-
-    def __call__(self, obs):
-        if hasattr(self.space, "n"):
-            return int(self.rng.integers(self.space.n))
-        return self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
-
-
-class BrownianPolicy:
-    """A temporally correlated random walk in action space (smooth, so the car actually moves).
-
-    Discrete spaces repeat the last action with a probability that plays the same role.
-    """
-
-    def __init__(self, space, rng: np.random.Generator, sigma: float, dt: float = 1 / 50):
-        self.space, self.rng, self.sigma, self.dt = space, rng, sigma, dt
-        self.action = None
-
-    def __call__(self, obs):
-        if hasattr(self.space, "n"):
-            if self.action is None or self.rng.random() > 0.9:
-                self.action = int(self.rng.integers(self.space.n))
-            return self.action
-        low, high = self.space.low, self.space.high
-        if self.action is None:
-            self.action = self.rng.uniform(low, high)
-        else:
-            step = self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(len(low))
-            self.action = np.clip(self.action + step * (high - low), low, high)
-        return self.action.astype(np.float32)
-
-
-def make_policy(kind: str, space, seed: int, sigma: float):
-    rng = np.random.default_rng([seed, 7])
-    if kind == "random":
-        return RandomPolicy(space, rng)
-    if kind == "brownian":
-        return BrownianPolicy(space, rng, sigma)
-    raise ValueError(f"unknown policy {kind!r}; known: random, brownian, controller")
-
-
 # ---------------------------------------------------------------- the actor
-
-def run_episode(env, policy, seed: int, max_steps: int):
-    """Step one episode; returns arrays (obs, actions, rewards, terminated, truncated)."""
-    obs, _ = env.reset(seed=seed)
-    frames, actions, rewards, terms, truncs = [], [], [], [], []
-    for t in range(max_steps):
-        action = policy(obs)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        truncated = truncated or t == max_steps - 1
-        frames.append(obs)
-        actions.append(np.atleast_1d(np.asarray(action, np.float32)))
-        rewards.append(reward)
-        terms.append(terminated)
-        truncs.append(truncated and not terminated)
-        obs = next_obs
-        if terminated or truncated:
-            break
-    return (np.stack(frames), np.stack(actions), np.asarray(rewards, np.float32),
-            np.asarray(terms), np.asarray(truncs))
-
 
 class Collector:
     """Owns one env; runs whole episodes and writes each as one shard.
@@ -105,17 +46,18 @@ class Collector:
         self.env = self._make_env()  # built now, so a bad kwarg fails before any episode
         self.out_dir = Path(out_dir)
         self.policy, self.sigma, self.compression = policy, sigma, compression
-        self.agent = None
-        if policy == "controller":  # the evolved controller drives (iterative training)
-            import torch
-
+        self.gas, self.agent = 0.7, None
+        if cfg_dict is not None:
             from rayworld.config import load_config
-            from rayworld.evaluate import Agent, load_controller_params
 
-            torch.set_num_threads(1)
-            run_dir = self.out_dir.parent.parent
-            self.agent = Agent(run_dir, load_config(base=cfg_dict),
-                               load_controller_params(run_dir)[0])
+            cfg = load_config(base=cfg_dict)
+            self.gas = cfg.collect.gas
+            if policy in MODEL_KINDS:  # acts through the world model (iterative training)
+                import torch
+
+                torch.set_num_threads(1)
+                self.agent = model_policy(policy, self.out_dir.parent.parent, cfg,
+                                          cfg.collect.noise)
 
     def _make_env(self):
         from envs import make_env
@@ -131,10 +73,11 @@ class Collector:
         if self.env is None:
             self.env = self._make_env()
         if self.agent is not None:
+            self.agent.reseed(seed)
             self.agent.reset()
             policy = self.agent
         else:
-            policy = make_policy(self.policy, self.env.action_space, seed, self.sigma)
+            policy = make_policy(self.policy, self.env.action_space, seed, self.sigma, self.gas)
         return run_episode(self.env, policy, seed, max_steps)
 
     def run(self, episode: int, seed: int, max_steps: int) -> dict:
@@ -244,6 +187,8 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
                          f"{manifest.info.get('obs_shape')}, config asks for {info['env_id']} "
                          f"{info['obs_shape']}; use another --out")
     check_shards(manifest, log)
+    if cfg.collect.policy in MODEL_KINDS:
+        require_world_model(cfg.collect.policy, run_dir)
     todo = [e for e in range(cfg.collect.episodes) if e not in manifest.shards]
     c = cfg.collect
     new_steps = 0
@@ -279,17 +224,6 @@ def figures(manifest: Manifest, episodes_new: int, steps_new: int, wall: float,
             "wall_s": wall}
 
 
-def close_and_kill(actors, timeout_s: float = 15.0):
-    """End a stage's env actors: close their envs (a CARLA server gets its settings and world
-    back), then kill them. A dead or stuck actor does not hold the stage up beyond timeout_s."""
-    refs = [a.close.remote() for a in actors]
-    try:
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-
-
 def _check_last_actor_env(cfg: Config, n_actors: int):
     """Envs with a server per actor: fail here, in one line, if the last actor has no server."""
     from envs import make_env
@@ -297,17 +231,6 @@ def _check_last_actor_env(cfg: Config, n_actors: int):
 
     if n_actors > 1 and spec(cfg.env.id).takes_worker_index:
         make_env(cfg.env.id, worker_index=n_actors - 1, **cfg.env.kwargs).close()
-
-
-def task_result(ref, one_line: tuple):
-    """ray.get; a task error of one of the `one_line` types is raised as itself (its message says
-    all), anything else as Ray raises it, with the task's traceback."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, one_line):
-            raise e.cause from None
-        raise
 
 
 def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:

@@ -43,8 +43,12 @@ class SourceConfig:
 class CollectConfig:
     episodes: int = 64
     max_steps: int = 300  # per episode; the env may end it earlier
-    policy: Literal["random", "brownian", "controller"] = "brownian"  # controller: the evolved one
+    # rayworld.policies: random, brownian, drive (gas-biased, for cars), random_controller (the
+    # paper's: small random weights on [z, h]), controller (the evolved one plus `noise`)
+    policy: Literal["random", "brownian", "drive", "random_controller", "controller"] = "brownian"
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
+    gas: float = 0.7  # drive: the gas level the walk reverts to
+    noise: float = 0.1  # controller: exploration noise std (discrete: random-action probability)
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`
     # An env whose simulator server fails (CARLA) is rebuilt and the episode redone this often
@@ -83,12 +87,16 @@ class VAEConfig:
 class MDNConfig:
     hidden: int = 256
     mixtures: int = 5
-    seq_len: int = 32
+    seq_len: int = 32  # steps per backprop window
+    # true: truncated backprop through whole episodes (the LSTM state carries over from one
+    # window to the next, so late-episode h is in distribution); false: random windows from 0
+    tbptt: bool = True
     batch_size: int = 32  # per worker and micro-batch
     epochs: int = 20
     lr: float = 1e-3
     dynamics_lr: float = 0.0  # the LSTM; 0: lr
     head_lr: float = 0.0  # the mixture, reward and done heads; 0: lr
+    dropout: float = 0.0  # on h before the heads; the dream can keep it on (evolve.dropout)
     reward_weight: float = 1.0
     done_weight: float = 1.0
     done_pos_weight: float = 10.0  # episode ends are rare: weigh them up
@@ -103,6 +111,9 @@ class MDNConfig:
 @dataclass
 class ControllerConfig:
     kind: Literal["linear", "mlp"] = "linear"
+    # the real agent's z: the VAE's mean, or a sample of its posterior, like the latents the
+    # MDN-RNN trained on and the dream feeds the controller
+    z: Literal["mean", "sample"] = "mean"
     mlp_hidden: list = field(default_factory=lambda: [64])
 
 
@@ -115,8 +126,16 @@ class EvolveConfig:
     tau: float = 1.0  # dream temperature
     max_steps: int = 300  # per dream rollout
     num_actors: int = 0  # dream evaluators; 0: one per CPU
-    real_every: int = 5  # score the best candidate and the mean in the real env every K gens
-    real_episodes: int = 4  # 0 turns real scoring off
+    # score the CMA-ES mean every K generations, in the dream and the real env at the real
+    # horizon (evaluate.max_steps), on real_episodes episodes; 0 episodes turns it off
+    real_every: int = 5
+    real_episodes: int = 4
+    where: Literal["dream", "real"] = "dream"  # real: candidates play the real env (the paper's 906)
+    common_noise: bool = True  # every candidate of a generation meets the same dreams / seeds
+    diagonal: bool = False  # sep-CMA-ES: a diagonal covariance, faster for big controllers
+    # keep the MDN-RNN's dropout (mdn.dropout) on in the dream: one mask per rollout, or a new
+    # one every step; off: the plain mean model
+    dropout: Literal["off", "rollout", "step"] = "rollout"
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 

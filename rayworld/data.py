@@ -358,8 +358,9 @@ def first_latents(path) -> tuple[np.ndarray, np.ndarray]:
     return list_array(table.column("mu"))[0], list_array(table.column("logvar"))[0]
 
 
-def windows_per_episode(steps: int, seq_len: int) -> int:
-    return max(1, steps // seq_len)
+def windows_per_episode(steps: int, seq_len: int, whole: bool = False) -> int:
+    """Windows of seq_len cut from an episode; `whole`: consecutive, covering every step."""
+    return max(1, -(-steps // seq_len) if whole else steps // seq_len)
 
 
 def stream_windows(files: list[Path], steps: list[int], seq_len: int, batch_size: int,
@@ -401,27 +402,60 @@ def _cut_windows(ep: dict, seq_len: int, rng) -> list[dict]:
     steps = len(ep["reward"])
     n = windows_per_episode(steps, seq_len)
     offset = int(rng.integers(0, steps - n * seq_len + 1)) if steps >= seq_len else 0
-    out = []
-    for w in range(n):
-        s = offset + w * seq_len
-        e = min(s + seq_len, steps)
-        t = e - s
-        pad = seq_len - t
-        # Input z_t for t in [s, e); target z_{t+1} exists except after the episode's last step.
-        zi = slice(s, min(e + 1, steps))
-        mu = _pad(ep["mu"][zi], seq_len + 1)
-        logvar = _pad(ep["logvar"][zi], seq_len + 1)
-        z_mask = np.zeros(seq_len, np.float32)
-        z_mask[:min(t, steps - 1 - s)] = 1.0
-        mask = np.zeros(seq_len, np.float32)
-        mask[:t] = 1.0
-        out.append({
-            "mu": mu, "logvar": logvar, "action": _pad(ep["action"][s:e], seq_len),
-            "reward": np.pad(ep["reward"][s:e], (0, pad)).astype(np.float32),
-            "done": np.pad(ep["terminated"][s:e].astype(np.float32), (0, pad)),
-            "mask": mask, "z_mask": z_mask,
-        })
-    return out
+    return [episode_window(ep, offset + w * seq_len, seq_len) for w in range(n)]
+
+
+def episode_window(ep: dict, s: int, seq_len: int) -> dict:
+    """Steps [s, s + seq_len) of an episode, zero-padded past its end, with their masks."""
+    steps = len(ep["reward"])
+    e = min(s + seq_len, steps)
+    t = e - s
+    pad = seq_len - t
+    # Input z_t for t in [s, e); target z_{t+1} exists except after the episode's last step.
+    zi = slice(s, min(e + 1, steps))
+    z_mask = np.zeros(seq_len, np.float32)
+    z_mask[:min(t, steps - 1 - s)] = 1.0
+    mask = np.zeros(seq_len, np.float32)
+    mask[:t] = 1.0
+    return {
+        "mu": _pad(ep["mu"][zi], seq_len + 1), "logvar": _pad(ep["logvar"][zi], seq_len + 1),
+        "action": _pad(ep["action"][s:e], seq_len),
+        "reward": np.pad(ep["reward"][s:e], (0, pad)).astype(np.float32),
+        "done": np.pad(ep["terminated"][s:e].astype(np.float32), (0, pad)),
+        "mask": mask, "z_mask": z_mask,
+    }
+
+
+def stream_episode_chunks(files: list[Path], seq_len: int, batch_size: int, num_batches: int,
+                          seed: int):
+    """Yield `num_batches` batches for truncated backprop through whole episodes.
+
+    Each of the batch_size rows is a lane that walks one episode from its first step in
+    consecutive windows of seq_len, then takes the next episode of a shuffled order (a new
+    order once all are used). `reset` [B] is 1 where a lane starts an episode: the trainer
+    zeroes that row's LSTM state and carries every other row's state on, so h late in an
+    episode is what the dream and the real agent see there. Other keys as stream_windows.
+    """
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    lanes: list[list] = [[None, 0] for _ in range(batch_size)]  # [episode arrays, next step]
+
+    def next_episode():
+        if not order:
+            order.extend(rng.permutation(len(files)).tolist())
+        return read_series(files[order.pop()])
+
+    for _ in range(num_batches):
+        rows, reset = [], np.zeros(batch_size, np.float32)
+        for b, lane in enumerate(lanes):
+            if lane[0] is None or lane[1] >= len(lane[0]["reward"]):
+                lane[0], lane[1] = next_episode(), 0
+                reset[b] = 1.0
+            rows.append(episode_window(lane[0], lane[1], seq_len))
+            lane[1] += seq_len
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["reset"] = reset
+        yield batch
 
 
 def _pad(a: np.ndarray, length: int) -> np.ndarray:

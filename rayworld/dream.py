@@ -23,6 +23,8 @@ from rayworld.models.controller import Controller
 from rayworld.models.mdn import MDNRNN, sample_next
 from rayworld.train.common import load_model_file
 
+DROPOUT_MODES = ("off", "rollout", "step")
+
 
 @dataclass
 class WorldModel:
@@ -62,7 +64,7 @@ class WorldModel:
         state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
         mdn = MDNRNN(latent=state["latent"], action_dim=state["action_dim"],
                      hidden=state["hidden"], mixtures=state["mixtures"],
-                     action_n=state.get("action_n", 0))
+                     action_n=state.get("action_n", 0), dropout=state.get("dropout", 0.0))
         mdn.load_state_dict(state["model"])
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
@@ -83,40 +85,71 @@ class WorldModel:
 
 
 class BatchedDream:
-    """B independent dream rollouts stepped together; torch in, torch out."""
+    """B independent dream rollouts stepped together; torch in, torch out.
 
-    def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000):
+    `shared` > 1 gives common random numbers: rows come as `shared` consecutive blocks of
+    B / shared rollouts, and row r of every block gets the same start latent, the same dream
+    noise and the same dropout mask. Blocks are CMA-ES candidates, so every candidate of a
+    generation meets the same dreams and the ranking reflects the controllers.
+    `dropout`: "off", "rollout" (one mask per rollout, kept for all its steps) or "step" (a
+    new mask every step), at the rate the MDN-RNN trained with (mdn.dropout).
+    """
+
+    def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000,
+                 dropout: str = "off"):
+        if dropout not in DROPOUT_MODES:
+            raise ValueError(f"dream dropout {dropout!r}: expected one of {DROPOUT_MODES}")
         self.world, self.tau, self.max_steps = world, tau, max_steps
+        self.dropout = dropout if world.mdn.dropout > 0 else "off"
+        self.mask = None  # the rollouts' dropout masks [B, H]
+
+    def _draw(self, fn, batch: int, width: int, shared: int, gen) -> torch.Tensor:
+        x = fn(batch // shared, width, generator=gen, device=self.world.device)
+        return x.repeat(shared, 1) if shared > 1 else x
+
+    def new_mask(self, batch: int, shared: int, gen):
+        if self.dropout == "off":
+            return None
+        mask = self.world.mdn.dropout_mask(batch // shared, gen, self.world.device)
+        return mask.repeat(shared, 1) if shared > 1 else mask
 
     @torch.no_grad()
-    def reset(self, batch: int, generator: torch.Generator):
+    def reset(self, batch: int, generator: torch.Generator, shared: int = 1):
         w = self.world
-        idx = torch.randint(len(w.z0_mu), (batch,), generator=generator, device=w.device)
-        eps = torch.randn(batch, w.latent, generator=generator, device=w.device)
+        n = batch // shared
+        idx = torch.randint(len(w.z0_mu), (n,), generator=generator, device=w.device)
+        eps = torch.randn(n, w.latent, generator=generator, device=w.device)
         z = w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
-        return z, w.mdn.initial_state(batch)
+        self.mask = self.new_mask(batch, shared, generator)
+        return (z.repeat(shared, 1) if shared > 1 else z), w.mdn.initial_state(batch)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Actions as the shards hold them: a vector, or [index] (the MDN-RNN one-hots it)."""
         return action.float().reshape(len(action), -1)
 
     @torch.no_grad()
-    def step(self, z, state, action, generator: torch.Generator):
-        out, state = self.world.mdn.step(z, self.action_input(action), state)
-        z_next = sample_next(out, self.tau, generator)
+    def step(self, z, state, action, generator: torch.Generator, shared: int = 1):
+        if self.dropout == "step" or (self.dropout == "rollout" and self.mask is None):
+            self.mask = self.new_mask(len(z), shared, generator)
+        mask = self.mask if self.dropout != "off" else None
+        out, state = self.world.mdn.step(z, self.action_input(action), state, mask)
+        noise = (self._draw(torch.rand, len(z), z.shape[1], shared, generator),
+                 self._draw(torch.randn, len(z), z.shape[1], shared, generator))
+        z_next = sample_next(out, self.tau, noise=noise)
         done = self.world.done_prob(out.done_logit) > 0.5
         return z_next, state, out.reward, done
 
     @torch.no_grad()
-    def rollout(self, policy, batch: int, seed: int) -> torch.Tensor:
+    def rollout(self, policy, batch: int, seed: int, shared: int = 1,
+                max_steps: int | None = None) -> torch.Tensor:
         """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A]."""
         gen = torch.Generator(device=self.world.device).manual_seed(seed)
-        z, state = self.reset(batch, gen)
+        z, state = self.reset(batch, gen, shared)
         total = torch.zeros(batch, device=z.device)
         alive = torch.ones(batch, dtype=torch.bool, device=z.device)
-        for _ in range(self.max_steps):
+        for _ in range(max_steps or self.max_steps):
             action = policy(z, state[0][0])
-            z, state, reward, done = self.step(z, state, action, gen)
+            z, state, reward, done = self.step(z, state, action, gen, shared)
             total += reward * alive
             alive &= ~done
             if not alive.any():
@@ -150,10 +183,15 @@ class Population:
 
 
 def evaluate_population(dream: BatchedDream, template: Controller, flat_params: np.ndarray,
-                        rollouts: int, seed: int) -> np.ndarray:
-    """Mean dream return per candidate, all candidates x rollouts in one batch."""
+                        rollouts: int, seed: int, common: bool = True,
+                        max_steps: int | None = None) -> np.ndarray:
+    """Mean dream return per candidate, all candidates x rollouts in one batch.
+
+    common: every candidate meets the same `rollouts` dreams (common random numbers).
+    """
     pop = Population(template, flat_params, rollouts)
-    returns = dream.rollout(pop, pop.size * rollouts, seed)
+    returns = dream.rollout(pop, pop.size * rollouts, seed, shared=pop.size if common else 1,
+                            max_steps=max_steps)
     return returns.reshape(pop.size, rollouts).mean(1).double().cpu().numpy()
 
 
@@ -163,10 +201,13 @@ def dream_spaces(world: WorldModel) -> tuple[gym.spaces.Box, gym.spaces.Space]:
     obs = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
     if world.discrete:
         return obs, gym.spaces.Discrete(world.action_n)
-    # the controller's ranges: CarRacing/CARLA's [steer, gas, brake], else tanh's [-1, 1]
-    low = np.array([-1, 0, 0], np.float32) if world.action_dim == 3 else \
-        -np.ones(world.action_dim, np.float32)
-    return obs, gym.spaces.Box(low, np.ones(world.action_dim, np.float32))
+    return obs, gym.spaces.Box(*action_bounds(world.action_dim))
+
+
+def action_bounds(action_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The controller's ranges: CarRacing/CARLA's [steer, gas, brake], else tanh's [-1, 1]."""
+    low = np.array([-1, 0, 0], np.float32) if action_dim == 3 else -np.ones(action_dim, np.float32)
+    return low, np.ones(action_dim, np.float32)
 
 
 class DreamEnv(gym.Env):
@@ -225,7 +266,11 @@ class DreamVectorEnv(gym.vector.VectorEnv):
 
     def _restart(self, rows: torch.Tensor):
         """New dreams in `rows`: fresh first latents and a zero LSTM state."""
+        mask = self.dream.mask
         z, _ = self.dream.reset(len(rows), self._gen)
+        if mask is not None:  # new masks for the new dreams only
+            mask[rows] = self.dream.mask
+            self.dream.mask = mask
         self._z[rows] = z
         for s in self._state:
             s[:, rows] = 0.0

@@ -13,14 +13,16 @@ from rayworld.io import atomic_path
 
 
 @torch.no_grad()
-def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.ndarray]:
+def dream_frames(runner, params, steps: int, seed: int, tau: float,
+                 dropout: str = "off") -> list[np.ndarray]:
     """Decode one dream rollout of the controller, starting from the real env's first frame."""
     from rayworld.dream import BatchedDream
 
     obs, _ = runner.env.reset(seed=seed)
     runner.agent.set_params(params)
-    dream = BatchedDream(runner.world, tau, steps)
+    dream = BatchedDream(runner.world, tau, steps, dropout)
     gen = torch.Generator().manual_seed(seed)
+    dream.mask = dream.new_mask(1, 1, gen)
     z = runner.agent.encode(obs)
     state = runner.world.mdn.initial_state(1)
     frames = []
@@ -34,7 +36,7 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float) -> list[np.n
 
 
 def real_frames(runner, params, steps: int, seed: int) -> list[np.ndarray]:
-    from rayworld.collect import run_episode
+    from rayworld.policies import run_episode
 
     runner.agent.set_params(params)
     runner.agent.reset()
@@ -59,13 +61,14 @@ def side_by_side(dream: list, real: list, scale: int = 3) -> list[Image.Image]:
 
 def dream_gif(cfg: Config, run_dir: Path, steps: int = 200, seed: int = 0,
               log=print) -> Path:
-    from rayworld.evaluate import RealRunner, load_controller_params
+    from rayworld.evaluate import RealRunner
+    from rayworld.policies import load_controller_params
 
     run_dir = Path(run_dir).resolve()
     params, _ = load_controller_params(run_dir)
     runner = RealRunner(str(run_dir), cfg.to_dict())
     try:
-        dream = dream_frames(runner, params, steps, seed, cfg.evolve.tau)
+        dream = dream_frames(runner, params, steps, seed, cfg.evolve.tau, cfg.evolve.dropout)
         real = real_frames(runner, params, steps, seed)
     finally:
         runner.close()

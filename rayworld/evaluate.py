@@ -13,74 +13,16 @@ import numpy as np
 import ray
 import torch
 
-from rayworld.collect import close_and_kill
+from rayworld.actors import close_and_kill
 from rayworld.config import Config
 from rayworld.io import progress
-
-CONTROLLER = "controller.pt"
-
-
-def make_controller(cfg: Config, latent: int, hidden: int, action_dim: int, discrete: bool):
-    from rayworld.models.controller import Controller
-
-    return Controller(latent=latent, hidden=hidden, action_dim=action_dim, kind=cfg.controller.kind,
-                      mlp_hidden=tuple(cfg.controller.mlp_hidden), discrete=discrete)
-
-
-class Agent:
-    """The World Models agent on real frames: VAE -> z, controller on [z, h], MDN-RNN -> next h.
-
-    Callable as a collection policy: `agent(obs)` returns the env action. Call `reset()` at
-    the start of every episode. `policy` replaces the evolved controller with any callable
-    on (z [B, Z], h [B, H]) that returns actions [B, A] (discrete: indices [B]), e.g. an
-    RLlib policy (rayworld.rllib.MeanActionPolicy).
-    """
-
-    def __init__(self, run_dir, cfg: Config, params=None, policy=None):
-        from rayworld.dream import WorldModel
-        from rayworld.encode import load_vae
-
-        run = Path(run_dir)
-        self.vae = load_vae(run / "checkpoints" / "vae.pt")
-        self.world = WorldModel.load(run)
-        if self.vae.latent != self.world.latent:
-            raise ValueError(f"{run / 'checkpoints' / 'vae.pt'} has latent {self.vae.latent} but "
-                             f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
-                             "re-run encode and train-mdn (or use another --out)")
-        w = self.world
-        n_out = w.action_n if w.discrete else w.action_dim
-        self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
-        self.policy = self.controller
-        if params is not None:
-            self.set_params(params)
-        if policy is not None:
-            self.set_policy(policy)
-        self.reset()
-
-    def set_params(self, params):
-        """Act with the evolved controller, with these flat parameters."""
-        self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
-        self.policy = self.controller
-
-    def set_policy(self, policy):
-        """Act with any policy on (z, h) instead of the controller."""
-        self.policy = policy
-
-    def reset(self):
-        self.state = self.world.mdn.initial_state(1)
-
-    @torch.no_grad()
-    def encode(self, obs) -> torch.Tensor:
-        """One HxWxC uint8 frame -> z [1, Z] (the VAE's mean)."""
-        x = torch.tensor(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)  # copies
-        return self.vae.encode(x)[0]
-
-    @torch.no_grad()
-    def __call__(self, obs):
-        z = self.encode(obs)
-        a = self.policy(z, self.state[0][0])
-        _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
-        return int(a[0]) if self.world.discrete else a[0].numpy()
+from rayworld.policies import (
+    Agent,
+    RandomPolicy,
+    check_world_model,
+    load_controller_params,
+    run_episode,
+)
 
 
 class RealRunner:
@@ -95,7 +37,7 @@ class RealRunner:
 
         torch.set_num_threads(1)
         self.cfg = load_config(base=cfg_dict)
-        self.agent = Agent(run_dir, self.cfg)
+        self.agent = Agent(run_dir, self.cfg, z_sample=self.cfg.controller.z == "sample")
         self.world, self.controller = self.agent.world, self.agent.controller
         self.worker_index, self._env = worker_index, None
 
@@ -119,8 +61,6 @@ class RealRunner:
         params: the controller's flat parameters, a policy callable on (z, h) (see Agent), or
         None for the uniform random policy.
         """
-        from rayworld.collect import RandomPolicy, run_episode
-
         if params is None:
             policy = RandomPolicy(self.env.action_space, np.random.default_rng([seed, 11]))
         else:
@@ -128,6 +68,7 @@ class RealRunner:
                 self.agent.set_policy(params)
             else:
                 self.agent.set_params(params)
+            self.agent.reseed(seed)  # the agent's own noise (z samples) follows the episode
             self.agent.reset()
             policy = self.agent
         return float(run_episode(self.env, policy, seed, max_steps)[2].sum())
@@ -183,19 +124,11 @@ def return_stats(returns: np.ndarray, prefix: str) -> dict:
             f"{prefix}_se": float(returns.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0}
 
 
-def load_controller_params(run_dir: Path) -> np.ndarray:
-    path = Path(run_dir) / "checkpoints" / CONTROLLER
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no controller yet ({path} is missing): run "
-                                f"`rayworld evolve --out {run_dir}` first")
-    state = torch.load(path, weights_only=True)
-    return state["params"].double().numpy(), int(state["generation"])
-
-
 def evaluate(cfg: Config, run_dir: Path, episodes: int | None = None, log=print) -> dict:
     start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     params, generation = load_controller_params(run_dir)
+    check_world_model(run_dir)
     n = episodes or cfg.evaluate.episodes
     played = play_real(run_dir, cfg, {"evaluate": params, "random": None}, n)
     ctrl, rand = played["evaluate"], played["random"]

@@ -1,10 +1,14 @@
-"""Stage 6, evolve: CMA-ES (the `cma` library, ask/tell) of the controller inside the dream.
+"""Stage 6, evolve: CMA-ES (the `cma` library, ask/tell) of the controller.
 
-Each generation's population is split across Ray actors. Every actor holds the world model
-once and scores its share in one batched dream (candidates x rollouts). Every `real_every`
-generations the best candidate and the CMA-ES mean are also scored in the real env, so the
-dream-vs-real gap is logged as it develops. The CMA-ES state is saved after each generation;
-re-running the same run directory resumes from the last one.
+Candidates are scored in the dream (`evolve.where: dream`, the default) or in the real env
+(`real`: the paper's CarRacing protocol, the reference the dream's transfer is judged by). Each
+generation's population is split across Ray actors; every actor holds the world model once and
+scores its share in one batched dream (candidates x rollouts). All candidates of a generation
+meet the same start latents and dream noise (or the same real seeds): common random numbers.
+
+Every `real_every` generations the CMA-ES mean is scored on equal terms in the dream at the
+real horizon and in the real env, so the dream-vs-real gap shows as it develops. The CMA-ES
+state is saved after each generation; re-running the same run directory resumes from it.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import numpy as np
 import ray
 import torch
 
-from rayworld.collect import close_and_kill
+from rayworld.actors import close_and_kill
 from rayworld.config import Config
-from rayworld.evaluate import CONTROLLER, RealRunner, run_episodes
+from rayworld.evaluate import RealRunner, run_episodes
 from rayworld.io import atomic_path
+from rayworld.policies import CONTROLLER, check_world_model
 from rayworld.telemetry import record
 
 STATE = "evolve_state.pkl"
+
+
+DREAM_CHECK_ROLLOUTS = 32  # dreams that score the CMA-ES mean at each real check
 
 
 class EvolveWorker(RealRunner):
@@ -37,23 +45,34 @@ class EvolveWorker(RealRunner):
         e = self.cfg.evolve
         # The dream runs on the GPU when Ray gave this actor one; real episodes stay on CPU.
         device = "cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
-        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps)
+        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps, e.dropout)
         self.dream_template = copy.deepcopy(self.controller).to(device)
 
     def num_params(self) -> int:
         return self.controller.num_params
 
-    def dream_returns(self, params: np.ndarray, rollouts: int, seed: int) -> np.ndarray:
+    def dream_returns(self, params: np.ndarray, rollouts: int, seed: int,
+                      max_steps: int | None = None) -> np.ndarray:
         from rayworld.dream import evaluate_population
 
-        return evaluate_population(self.dream, self.dream_template, params, rollouts, seed)
+        return evaluate_population(self.dream, self.dream_template, params, rollouts, seed,
+                                   self.cfg.evolve.common_noise, max_steps)
+
+    def real_returns(self, params: np.ndarray, rollouts: int, seed: int,
+                     max_steps: int | None = None) -> np.ndarray:
+        """Mean real return per candidate over the same `rollouts` env seeds."""
+        seeds = [seed + i for i in range(rollouts)]
+        steps = max_steps or self.cfg.evaluate.max_steps
+        return np.array([np.mean([self.episode(p, s, steps) for s in seeds]) for p in params])
 
 
-def _score(workers, params: np.ndarray, rollouts: int, seed: int, log) -> np.ndarray:
-    """Dream fitness of every candidate; a share whose actor died is redone by another."""
+def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
+           where: str = "dream") -> np.ndarray:
+    """Fitness of every candidate; a share whose actor died is redone by another."""
+    method = "dream_returns" if where == "dream" else "real_returns"
     shares = [s for s in np.array_split(np.arange(len(params)), len(workers)) if len(s)]
     fitness = np.empty(len(params))
-    pending = {workers[i].dream_returns.remote(params[s], rollouts, seed): (i, s)
+    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed): (i, s)
                for i, s in enumerate(shares)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -64,7 +83,8 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log) -> np.nda
             j = (i + 1) % len(workers)
             log(f"evolve: dream-evaluator-{i} died; its {len(share)} candidates go to "
                 f"dream-evaluator-{j}")
-            pending[workers[j].dream_returns.remote(params[share], rollouts, seed)] = (j, share)
+            pending[getattr(workers[j], method).remote(params[share], rollouts, seed)] = \
+                (j, share)
     return fitness
 
 
@@ -84,6 +104,9 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     e = cfg.evolve
     ckpt = run_dir / "checkpoints"
     state_path = ckpt / STATE
+    check_world_model(run_dir)
+    if state_path.exists():
+        saved = _load_state(state_path)  # before any actor starts: a damaged file is one line
     n_workers = e.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
     gpus = e.gpus_per_actor if cfg.ray.use_gpu else 0
     cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=0)(EvolveWorker)
@@ -91,51 +114,59 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                .remote(str(run_dir), cfg.to_dict(), worker_index=i) for i in range(n_workers)]
     num_params = ray.get(workers[0].num_params.remote())
     if state_path.exists():
-        saved = pickle.loads(state_path.read_bytes())  # our own file, written below
         if saved["num_params"] != num_params:
             raise ValueError(f"{state_path}: controller has {saved['num_params']} parameters, "
                              f"config gives {num_params}; use another --out")
         es, gen0, hist = saved["es"], saved["generation"], saved["history"]
         log(f"evolve: resuming after generation {gen0}")
     else:
-        es = cma.CMAEvolutionStrategy(np.zeros(num_params), e.sigma0,
-                                      {"popsize": e.population, "seed": cfg.seed + 1,
-                                       "verbose": -9})
+        opts = {"popsize": e.population, "seed": cfg.seed + 1, "verbose": -9}
+        if e.diagonal:
+            opts["CMA_diagonal"] = True
+        es = cma.CMAEvolutionStrategy(np.zeros(num_params), e.sigma0, opts)
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
-                                         "real_best", "real_mean")}
+                                         "real_mean", "dream_check")}
     writer = tb_writer(run_dir, "evolve")
     real_seeds = [cfg.evaluate.seed + 10_000 + i for i in range(e.real_episodes)]
+    horizon = cfg.evaluate.max_steps
+    where = "scored in the dream" if e.where == "dream" else "scored in the real env"
+    log(f"evolve: {num_params} parameters, population {e.population} x {e.rollouts} rollouts, "
+        f"{where}")
     try:
         for gen in range(gen0, e.generations):
             t0 = time.perf_counter()
             xs = np.asarray(es.ask())
-            fitness = _score(workers, xs, e.rollouts, cfg.seed * 100_003 + gen, log)
+            seed = (cfg.seed * 100_003 + gen) if e.where == "dream" else \
+                1_000_000 + cfg.seed * 100_003 + gen * e.rollouts
+            fitness = _score(workers, xs, e.rollouts, seed, log, e.where)
             es.tell(list(xs), list(-fitness))  # cma minimises
             best = int(np.argmax(fitness))
             record("rayworld_dream_evals_per_s",
                    len(xs) * e.rollouts / (time.perf_counter() - t0), run=cfg.name)
             record("rayworld_best_return", max(hist["dream_best"] + [float(fitness[best])]),
-                   run=cfg.name, where="dream")
+                   run=cfg.name, where=e.where)
             hist["dream_best"].append(float(fitness[best]))
             hist["dream_mean"].append(float(fitness.mean()))
             hist["dream_worst"].append(float(fitness.min()))
-            line = (f"evolve gen {gen + 1}/{e.generations}: dream best {fitness[best]:.2f} mean "
-                    f"{fitness.mean():.2f} worst {fitness.min():.2f}")
+            line = (f"evolve gen {gen + 1}/{e.generations}: {e.where} best {fitness[best]:.2f} "
+                    f"mean {fitness.mean():.2f} worst {fitness.min():.2f}")
             for k in ("dream_best", "dream_mean", "dream_worst"):
                 writer.add_scalar(f"evolve/{k}", hist[k][-1], gen + 1)
             writer.add_scalar("evolve/sigma", es.sigma, gen + 1)
             last_gen = gen + 1 == e.generations
             if e.real_episodes and ((gen + 1) % e.real_every == 0 or last_gen):
-                rb = run_episodes(workers, xs[best], real_seeds, cfg.evaluate.max_steps).mean()
-                rm = run_episodes(workers, es.mean, real_seeds, cfg.evaluate.max_steps).mean()
-                record("rayworld_best_return", max(hist["real_best"] + [float(rb)]),
+                # the CMA-ES mean on equal terms: same horizon, dream and real
+                dm = float(ray.get(workers[0].dream_returns.remote(
+                    es.mean[None], DREAM_CHECK_ROLLOUTS, cfg.seed + 7, horizon))[0])
+                rm = float(run_episodes(workers, es.mean, real_seeds, horizon).mean())
+                record("rayworld_best_return", max(hist["real_mean"] + [rm]),
                        run=cfg.name, where="real")
                 hist["real_gen"].append(gen + 1)
-                hist["real_best"].append(float(rb))
-                hist["real_mean"].append(float(rm))
-                writer.add_scalar("evolve/real_best", rb, gen + 1)
+                hist["real_mean"].append(rm)
+                hist["dream_check"].append(dm)
                 writer.add_scalar("evolve/real_mean", rm, gen + 1)
-                line += f" | real best {rb:.2f} mean-params {rm:.2f}"
+                writer.add_scalar("evolve/dream_check", dm, gen + 1)
+                line += f" | CMA-ES mean, {horizon} steps: dream {dm:.2f} real {rm:.2f}"
             writer.flush()
             log(f"{line} ({time.perf_counter() - t0:.1f} s)")
             with atomic_path(ckpt / CONTROLLER) as tmp:  # the CMA-ES mean: the robust pick
@@ -143,13 +174,30 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                             "generation": gen + 1, "kind": cfg.controller.kind}, tmp)
             _save_state(state_path, {"es": es, "generation": gen + 1, "history": hist,
                                      "num_params": num_params})
-            save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png")
+            save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png", horizon)
     finally:
         writer.close()
         close_and_kill(workers)
     figures = {"dream_return_best": max(hist["dream_best"]) if hist["dream_best"] else None,
                "dream_return_last_mean": hist["dream_mean"][-1] if hist["dream_mean"] else None,
-               "generations": len(hist["dream_best"]), "wall_s": time.perf_counter() - start}
+               "generations": len(hist["dream_best"]), "evolve_where": e.where,
+               "wall_s": time.perf_counter() - start}
     if hist["real_mean"]:
         figures["evolve_real_return_mean_params"] = hist["real_mean"][-1]
+        figures["dream_return_final"] = hist["dream_check"][-1]
+        figures["dream_return_final_horizon"] = horizon
     return figures
+
+
+def _load_state(path: Path) -> dict:
+    """The saved CMA-ES state; damaged, one line says to start evolve afresh."""
+    try:
+        saved = pickle.loads(path.read_bytes())  # our own file, written by _save_state
+        if not isinstance(saved, dict) or not {"es", "generation", "history"} <= set(saved):
+            raise ValueError("not an evolve state")
+        saved["history"].setdefault("dream_check", [None] * len(saved["history"]["real_mean"]))
+        return saved
+    except Exception as e:  # pickle raises many kinds on a damaged file
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is corrupt or truncated ({why}); delete it to restart "
+                         "`rayworld evolve` from generation 0") from None

@@ -68,30 +68,29 @@ def save_curves(history: dict, path, title: str = "") -> None:
         fig.savefig(tmp, format="png")
 
 
-def save_dream_vs_real(history: dict, path) -> None:
-    """One chart per generation: dream best/mean/worst, and real returns where they were scored."""
+def save_dream_vs_real(history: dict, path, horizon: int | None = None) -> None:
+    """Evolution on ONE y-axis: the population's fitness per generation, and at each real check
+    the CMA-ES mean scored in the dream and in the real env at the same horizon."""
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     gens = range(1, len(history["dream_mean"]) + 1)
     ax.fill_between(gens, history["dream_worst"], history["dream_best"], alpha=0.2,
-                    label="dream: worst to best candidate")
-    ax.plot(gens, history["dream_mean"], label="dream: population mean")
+                    label="fitness: worst to best candidate")
+    ax.plot(gens, history["dream_mean"], label="fitness: population mean")
+    at = f", {horizon} steps" if horizon else ""
+    checks = [(g, d) for g, d in zip(history.get("real_gen", []), history.get("dream_check", []))
+              if d is not None]
+    if checks:
+        ax.plot(*zip(*checks), "o-", color="tab:purple", label=f"CMA-ES mean in the dream{at}")
+    if history.get("real_gen"):
+        ax.plot(history["real_gen"], history["real_mean"], "s-", color="tab:green",
+                label=f"CMA-ES mean in the real env{at}")
     ax.set_xlabel("generation")
-    ax.set_ylabel("dream return")
+    ax.set_ylabel("return")
     ax.set_title("Evolution: dream vs real return")
     ax.grid(True, alpha=0.3)
-    handles = ax.get_legend_handles_labels()
-    if history.get("real_gen"):  # its own axis: dream and real scales can differ a lot
-        ax2 = ax.twinx()
-        ax2.plot(history["real_gen"], history["real_best"], "s--", color="tab:orange",
-                 label="real: best candidate")
-        ax2.plot(history["real_gen"], history["real_mean"], "o--", color="tab:green",
-                 label="real: CMA-ES mean")
-        ax2.set_ylabel("real return")
-        h2 = ax2.get_legend_handles_labels()
-        handles = (handles[0] + h2[0], handles[1] + h2[1])
-    ax.legend(*handles, loc="best", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

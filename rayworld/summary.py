@@ -13,7 +13,11 @@ ROWS = [
     ("vae_ssim", "VAE held-out SSIM", "{:.3f}"),
     ("mdn_nll", "MDN-RNN held-out NLL (per latent dim)", "{:.3f}"),
     ("mdn_reward_mse", "MDN-RNN held-out reward MSE", "{:.4f}"),
-    ("dream_return_best", "best dream return (any generation)", "{:.2f}"),
+    ("predict_reward_corr", "open-loop predicted vs real reward (correlation)", "{:.2f}"),
+    ("predict_done_precision", "open-loop done head: precision", "{:.2f}"),
+    ("predict_done_recall", "open-loop done head: recall", "{:.2f}"),
+    ("evolve_where", "controller evolved in", "{}"),
+    ("dream_return_final", "controller dream return (at the real horizon)", "{:.2f}"),
     ("real_return_mean", "controller real return (mean)", "{:.2f}"),
     ("real_return_std", "controller real return (std)", "{:.2f}"),
     ("random_return_mean", "random policy real return (mean)", "{:.2f}"),
@@ -24,7 +28,10 @@ IMAGES = [
     ("vae_recon.png", "VAE: held-out frames (odd rows) over reconstructions (even rows)"),
     ("vae_curves.png", "VAE loss curves"),
     ("mdn_curves.png", "MDN-RNN loss curves"),
-    ("evolve_curves.png", "Evolution: dream returns per generation, real returns when scored"),
+    ("predict.png", "World model, open loop on held-out episodes: real frames (odd rows) over "
+                    "predictions (even rows) at horizons 1, 5, 10, 30, 100"),
+    ("evolve_curves.png", "Evolution: fitness per generation; the CMA-ES mean in the dream and "
+                          "the real env at the same horizon"),
     ("dream_vs_real.gif", "The controller in its dream (left) and in the real env (right)"),
 ]
 
@@ -41,6 +48,12 @@ def write_summary(run_dir) -> Path:
         se = (report["real_return_se"] ** 2 + report["random_return_se"] ** 2) ** 0.5
         lines.append(f"| controller minus random | {gap:.2f} ({gap / se:.1f} standard errors) |"
                      if se > 0 else f"| controller minus random | {gap:.2f} |")
+    for key, label in (("predict_psnr_db", "world model, open loop"),
+                       ("predict_psnr_static_db", "first frame held still"),
+                       ("predict_psnr_recon_db", "VAE reconstruction")):
+        if isinstance(report.get(key), dict):
+            cells = ", ".join(f"{h}: {v:.1f}" for h, v in report[key].items() if v is not None)
+            lines.append(f"| PSNR (dB) by horizon, {label} | {cells} |")
     walls = report.get("wall_s", {})
     if walls:
         lines += ["", "Wall seconds per stage: " +

@@ -208,7 +208,7 @@ def controller_trial(config: dict):
     from ray import tune
 
     from rayworld.dream import BatchedDream, WorldModel, evaluate_population
-    from rayworld.evaluate import make_controller
+    from rayworld.policies import make_controller
 
     cfg = with_values(config["_base"], _hparams(config))
     e = cfg.evolve
@@ -218,7 +218,7 @@ def controller_trial(config: dict):
     world = WorldModel.load(Path(config["_data"]))
     n_out = world.action_n if world.discrete else world.action_dim
     template = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete).eval()
-    dream = BatchedDream(world, e.tau, e.max_steps)
+    dream = BatchedDream(world, e.tau, e.max_steps, e.dropout)
     ckpt = tune.get_checkpoint()
     history = {"dream_mean": [], "dream_best": []}
     if ckpt is not None:

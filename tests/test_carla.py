@@ -482,7 +482,7 @@ def test_real_env_runners_use_server_i_too(monkeypatch, tmp_path):
     import rayworld.evaluate as evaluate
 
     class NoAgent:  # the runner's models are not what this checks
-        def __init__(self, run_dir, cfg):
+        def __init__(self, run_dir, cfg, **kwargs):
             self.world = self.controller = None
 
     monkeypatch.setattr(evaluate, "Agent", NoAgent)

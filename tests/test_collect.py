@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayworld.collect import collect, make_policy, run_episode
+from rayworld.collect import collect
 from rayworld.config import load_config
 from rayworld.data import Manifest, shard_name
+from rayworld.policies import make_policy, run_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,9 +33,10 @@ def test_batched_population_matches_one_candidate_at_a_time(tiny_run):
     params = np.random.default_rng(0).normal(0, 0.5, (3, template.num_params))
     together = evaluate_population(dream, template, params, rollouts=2, seed=5)
     assert together.shape == (3,)
-    # the same candidate alone, starting from the same first latents
+    # the same candidate alone, starting from the same first latents (common to all 3)
     gen = torch.Generator().manual_seed(5)
-    z0, _ = dream.reset(6, gen)
+    z0, _ = dream.reset(6, gen, shared=3)
+    assert torch.equal(z0[0:2], z0[4:6])
     for p in range(3):
         alone = Controller(world.latent, world.hidden, world.action_dim)
         alone.set_flat(params[p])
@@ -48,6 +49,20 @@ def test_batched_population_matches_one_candidate_at_a_time(tiny_run):
             total += reward * alive
             alive &= ~done
         assert together[p] == pytest.approx(float(total.mean()), abs=0.05)
+
+
+def test_common_random_numbers_rank_controllers_not_luck(tiny_run):
+    """With common random numbers, identical candidates score identically at tau 1; without,
+    the dream's noise alone tells them apart."""
+    world = WorldModel.load(tiny_run)
+    dream = BatchedDream(world, tau=1.0, max_steps=30)
+    template = Controller(world.latent, world.hidden, world.action_dim)
+    one = np.random.default_rng(1).normal(0, 0.5, template.num_params)
+    params = np.stack([one] * 4)
+    shared = evaluate_population(dream, template, params, rollouts=3, seed=9, common=True)
+    assert np.ptp(shared) == 0
+    apart = evaluate_population(dream, template, params, rollouts=3, seed=9, common=False)
+    assert np.ptp(apart) > 0
 
 
 def test_killed_evaluator_share_is_redone(tiny_run):

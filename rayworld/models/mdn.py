@@ -25,17 +25,19 @@ class MDNOut(NamedTuple):
 
 class MDNRNN(nn.Module):
     def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5,
-                 action_n: int = 0):
+                 action_n: int = 0, dropout: float = 0.0):
         """action_n > 0: discrete actions, given as an index [..., 1], enter the LSTM one-hot.
 
         An index fed as a number would tell the LSTM that action 3 lies between 2 and 4.
+        dropout: on h where it enters the heads (the recurrent state is never dropped). The
+        dream can keep it on, as Dropout's Dream Land does, with masks from `dropout_mask`.
         """
         super().__init__()
         if action_n and action_dim != 1:
             raise ValueError(f"MDNRNN: action_n {action_n} needs action_dim 1 (the index), got "
                              f"{action_dim}")
         self.latent, self.action_dim, self.action_n = latent, action_dim, action_n
-        self.hidden, self.mixtures = hidden, mixtures
+        self.hidden, self.mixtures, self.dropout = hidden, mixtures, float(dropout)
         self.lstm = nn.LSTM(latent + (action_n or action_dim), hidden, batch_first=True)
         self.mdn_head = nn.Linear(hidden, 3 * latent * mixtures)
         self.reward_head = nn.Linear(hidden, 1)
@@ -61,14 +63,27 @@ class MDNRNN(nn.Module):
             return F.one_hot(a.squeeze(-1).long(), self.action_n)
         return a
 
-    def forward(self, z: torch.Tensor, a: torch.Tensor, state=None):
+    def forward(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
+        """h_mask [B, H]: a dropout mask (already scaled) for the heads' input, else the
+        module's own dropout while training."""
         h, state = self.lstm(torch.cat([z, self.action_input(a).to(z.dtype)], dim=-1), state)
+        if h_mask is not None:
+            out = self._heads(h * h_mask.unsqueeze(1).to(h.dtype))
+            return out._replace(h=h), state
+        if self.training and self.dropout > 0:
+            return self._heads(F.dropout(h, self.dropout)), state
         return self._heads(h), state
 
-    def step(self, z: torch.Tensor, a: torch.Tensor, state=None):
+    def step(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
         """One step for B parallel dreams; same LSTM call as forward with T=1."""
-        out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state)
+        out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state, h_mask)
         return MDNOut(*(t.squeeze(1) for t in out)), state
+
+    def dropout_mask(self, batch: int, generator=None, device=None) -> torch.Tensor:
+        """An inverted-dropout mask [B, H] at the trained rate (all ones without dropout)."""
+        device = device if device is not None else self.mdn_head.weight.device
+        keep = torch.rand(batch, self.hidden, generator=generator, device=device) >= self.dropout
+        return keep.float() / (1.0 - self.dropout)
 
 
 def _component_log_prob(out: MDNOut, z_next: torch.Tensor) -> torch.Tensor:
@@ -114,20 +129,26 @@ def mdn_loss(out: MDNOut, z_next, reward, done, mask=None, z_mask=None,
 
 
 @torch.no_grad()
-def sample_next(out_step: MDNOut, tau: float = 1.0, generator=None) -> torch.Tensor:
+def sample_next(out_step: MDNOut, tau: float = 1.0, generator=None, noise=None) -> torch.Tensor:
     """Sample z_{t+1} [..., Z]; tau scales logits (1/tau) and sigma (sqrt(tau)).
 
-    tau <= 0 gives the deterministic mean of the most likely component.
+    tau <= 0 gives the deterministic mean of the most likely component. `noise` = (u, eps),
+    both shaped like z: u in [0, 1) picks the component by inverse CDF, eps is the Gaussian
+    draw. Passing the same noise to several rollouts gives them common random numbers.
     """
     logits, mu = out_step.logit_pi, out_step.mu
     log_sigma = out_step.log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
-    k = logits.shape[-1]
     if tau <= 0:
         idx = logits.argmax(-1, keepdim=True)
         return mu.gather(-1, idx).squeeze(-1)
-    probs = F.softmax(logits.float() / tau, dim=-1).reshape(-1, k)
-    idx = torch.multinomial(probs, 1, generator=generator).view(*logits.shape[:-1], 1)
+    if noise is None:
+        shape, dev = mu.shape[:-1], mu.device
+        noise = (torch.rand(shape, generator=generator, device=dev),
+                 torch.randn(shape, generator=generator, device=dev))
+    u, eps = noise
+    cdf = F.softmax(logits.float() / tau, dim=-1).cumsum(-1)
+    # inverse CDF: cheaper than multinomial, and a shared u makes a shared choice
+    idx = (cdf < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
     mean = mu.gather(-1, idx).squeeze(-1)
     sigma = log_sigma.gather(-1, idx).squeeze(-1).exp() * math.sqrt(tau)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + sigma * noise
+    return mean + sigma * eps.to(mean.dtype)

@@ -155,7 +155,7 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
     """
     import ray
 
-    from rayworld.collect import task_result
+    from rayworld.actors import task_result
     from rayworld.data import ShardLog
     from rayworld.io import progress
 

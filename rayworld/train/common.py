@@ -181,10 +181,24 @@ def export_model(result, dest: Path, extra: dict):
     return state
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names it and the stage to re-run."""
+
+
 def load_model_file(path: Path, stage: str) -> dict:
+    """A checkpoint written by `stage`; missing or unreadable, one line says what to re-run."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found: run `rayworld {stage}` first")
-    return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is corrupt or truncated ({why}); re-run "
+                              f"`rayworld {stage}` (delete the file first)") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds {type(state).__name__}, not a rayworld checkpoint; "
+                              f"re-run `rayworld {stage}`")
+    return state
 
 
 def last_checkpoint_dir(run_dir: Path, name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rayworld.config import Config
@@ -13,6 +14,7 @@ from rayworld.data import (
     prefetch,
     rank_share,
     split_episodes,
+    stream_episode_chunks,
     stream_windows,
     windows_per_episode,
 )
@@ -24,7 +26,7 @@ from rayworld.train import common
 def plan(series: Manifest, cfg: Config, world: int):
     train_eps, val_eps = split_episodes(series.shards, cfg.data.val_every)
     m = cfg.mdn
-    per_rank = [sum(windows_per_episode(series.shards[e]["steps"], m.seq_len)
+    per_rank = [sum(windows_per_episode(series.shards[e]["steps"], m.seq_len, m.tbptt)
                     for e in rank_share(train_eps, r, world)) for r in range(world)]
     steps = min(per_rank) // m.batch_size // m.grad_accum * m.grad_accum
     if steps == 0:
@@ -52,15 +54,29 @@ def rank_episodes(series: Manifest, cfg: Config, rank: int, world: int):
     return rank_share(train_eps, rank, world), rank_share(val_eps, rank, world)
 
 
-def _losses(model, batch, device, gen, m):
+def _losses(model, batch, device, gen, m, state=None):
+    """The batch's losses and the LSTM state after it (detached; rows with `reset` start at 0)."""
     from rayworld.models.mdn import mdn_loss
 
     z_in, z_next, t = _batch_to(batch, device, gen)
-    out, _ = model(z_in, t["action"])
+    if state is not None and "reset" in t:
+        keep = (1.0 - t["reset"]).view(1, -1, 1)
+        state = tuple(s * keep for s in state)
+    out, state = model(z_in, t["action"], state)
     out = type(out)(*(o.float() for o in out))  # the loss in float32 under AMP
-    return mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
-                    reward_weight=m.reward_weight, done_weight=m.done_weight,
-                    done_pos_weight=m.done_pos_weight), t
+    losses = mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
+                      reward_weight=m.reward_weight, done_weight=m.done_weight,
+                      done_pos_weight=m.done_pos_weight)
+    return losses, tuple(s.detach() for s in state)
+
+
+def _batches(series: Manifest, episodes, m, steps: int, shuffle_buffer: int, seed: int):
+    """Truncated backprop through whole episodes (mdn.tbptt), or independent random windows."""
+    files = [series.file(e) for e in episodes]
+    if m.tbptt:
+        return stream_episode_chunks(files, m.seq_len, m.batch_size, steps, seed)
+    return stream_windows(files, [series.shards[e]["steps"] for e in episodes], m.seq_len,
+                          m.batch_size, steps, shuffle_buffer, seed=seed)
 
 
 def train_loop(config: dict):
@@ -80,7 +96,7 @@ def train_loop(config: dict):
 
     torch.manual_seed(cfg.seed)
     model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
-                   mixtures=m.mixtures, action_n=action_n).to(device)
+                   mixtures=m.mixtures, action_n=action_n, dropout=m.dropout).to(device)
     state = common.load_state(ray.train.get_checkpoint())
     start_epoch, history, resumed = 0, {}, []
     if state is not None:
@@ -103,14 +119,12 @@ def train_loop(config: dict):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 131 + rank)
         sums = dict.fromkeys(keys, 0.0)
-        batches = stream_windows([series.file(e) for e in mine],
-                                 [series.shards[e]["steps"] for e in mine], m.seq_len,
-                                 m.batch_size, steps, cfg.data.shuffle_buffer,
-                                 seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
-        stopped = False
+        batches = _batches(series, mine, m, steps, cfg.data.shuffle_buffer,
+                           seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
+        stopped, lstm_state = False, None
         for i, batch in enumerate(prefetch(batches)):
             with stepper.micro_batch():
-                losses, _ = _losses(model, batch, device, gen, m)
+                losses, lstm_state = _losses(model, batch, device, gen, m, lstm_state)
                 msg = common.nonfinite(losses, "mdn", epoch, i, run_dir)
                 if common.stop_all_ranks(msg, run_dir, "mdn", device):
                     stopped = True
@@ -156,18 +170,31 @@ def train_loop(config: dict):
 
 
 def _validate(model, series: Manifest, episodes, m, device, seed) -> dict:
-    """Sums of the losses over every held-out window (weighted by batch size)."""
+    """Sums of the losses over the held-out episodes, each whole from a zero state (weighted
+    by episode), or over their windows when mdn.tbptt is off (weighted by window)."""
+    from rayworld.data import episode_window, read_series
+
     sums = {k: 0.0 for k in ("loss", "nll", "reward_mse", "done_bce", "done_acc", "n")}
     if not episodes:
         return sums
     steps = [series.shards[e]["steps"] for e in episodes]
-    n_windows = sum(windows_per_episode(s, m.seq_len) for s in steps)
     gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
+    if m.tbptt:
+        def whole(group):
+            eps = [read_series(series.file(e)) for e in group]
+            longest = max(len(ep["reward"]) for ep in eps)
+            rows = [episode_window(ep, 0, longest) for ep in eps]
+            return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+        batches = (whole(episodes[i:i + m.batch_size])
+                   for i in range(0, len(episodes), m.batch_size))
+    else:
+        n_windows = sum(windows_per_episode(s, m.seq_len) for s in steps)
         batches = stream_windows([series.file(e) for e in episodes], steps, m.seq_len,
                                  min(m.batch_size, n_windows), max(1, n_windows // m.batch_size),
                                  10**9, seed=seed)
+    model.eval()
+    with torch.no_grad():
         for batch in batches:
             losses, _ = _losses(model, batch, device, gen, m)
             b = len(batch["mu"])
@@ -184,7 +211,7 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
     run_dir = Path(run_dir).resolve()
     episodes = Manifest.load(run_dir / "data")
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
-    vae = torch.load(run_dir / "checkpoints" / "vae.pt", weights_only=True, map_location="cpu")
+    vae = common.load_model_file(run_dir / "checkpoints" / "vae.pt", "train-vae")
     if vae["latent"] != cfg.vae.latent:
         raise common.TrainError(f"mdn: checkpoints/vae.pt has latent {vae['latent']}, config "
                                 f"vae.latent is {cfg.vae.latent}; re-run train-vae")
@@ -195,7 +222,7 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
     state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
         "latent": cfg.vae.latent, "action_dim": action_dim, "action_n": action_n,
         "hidden": cfg.mdn.hidden,
-        "mixtures": cfg.mdn.mixtures, "vae": series.info.get("vae"),
+        "mixtures": cfg.mdn.mixtures, "dropout": cfg.mdn.dropout, "vae": series.info.get("vae"),
         "done_pos_weight": cfg.mdn.done_pos_weight})
     hist = state["history"]
     figures = {"mdn_epochs": state["epoch"], "mdn_nll": hist["val_nll"][-1],
@@ -204,5 +231,12 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
                "wall_s": time.perf_counter() - start}
     log(f"train-mdn: held-out NLL {figures['mdn_nll']:.3f}, reward MSE "
         f"{figures['mdn_reward_mse']:.4f}, done acc {figures['mdn_done_acc']:.3f}")
+    if len(series.shards) >= 2:  # open-loop prediction on held-out episodes
+        from rayworld.diagnose import diagnose
+
+        found = diagnose(cfg, run_dir, log=log)
+        found.pop("wall_s")
+        figures.update(found)
+    figures["wall_s"] = time.perf_counter() - start
     return figures
 

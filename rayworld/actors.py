@@ -1,0 +1,27 @@
+"""Ray wiring the stages share: ending env actors, and task errors that deserve one line."""
+
+from __future__ import annotations
+
+import ray
+
+
+def close_and_kill(actors, timeout_s: float = 15.0):
+    """End a stage's env actors: close their envs (a CARLA server gets its settings and world
+    back), then kill them. A dead or stuck actor does not hold the stage up beyond timeout_s."""
+    refs = [a.close.remote() for a in actors]
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def task_result(ref, one_line: tuple):
+    """ray.get; a task error of one of the `one_line` types is raised as itself (its message says
+    all), anything else as Ray raises it, with the task's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, one_line):
+            raise e.cause from None
+        raise

@@ -1,0 +1,272 @@
+"""Every policy that drives a real env: collection, evaluation and evolution all take theirs here.
+
+- `random`: uniform actions.
+- `brownian`: a random walk in action space (discrete: repeat the last action with p = 0.9).
+- `drive`: for [steer, gas, brake] cars: steering as a mean-reverting walk around straight
+  ahead, gas as a walk biased towards `collect.gas`, short brake taps now and then. Uniform
+  gas and brake leave a car standing (brake outweighs gas), so its data never shows speed.
+- `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
+  episode, acting through the run's VAE and MDN-RNN.
+- `controller`: the evolved controller, plus Gaussian exploration noise (`collect.noise`).
+
+`Agent` is the whole World Models agent on real frames: the VAE encodes each frame to z, the
+policy acts on [z, h], and the MDN-RNN advances h with (z, action).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CONTROLLER = "controller.pt"
+KINDS = ("random", "brownian", "drive", "random_controller", "controller")
+MODEL_KINDS = ("random_controller", "controller")  # these need a trained VAE and MDN-RNN
+
+
+class RandomPolicy:
+    """Uniform random actions from the action space."""
+
+    def __init__(self, space, rng: np.random.Generator):
+        self.space, self.rng = space, rng
+
+    def __call__(self, obs):
+        if hasattr(self.space, "n"):
+            return int(self.rng.integers(self.space.n))
+        return self.rng.uniform(self.space.low, self.space.high).astype(np.float32)
+
+
+class BrownianPolicy:
+    """A temporally correlated random walk in action space (smooth, so the car actually moves).
+
+    Discrete spaces repeat the last action with a probability that plays the same role.
+    """
+
+    def __init__(self, space, rng: np.random.Generator, sigma: float, dt: float = 1 / 50):
+        self.space, self.rng, self.sigma, self.dt = space, rng, sigma, dt
+        self.action = None
+
+    def __call__(self, obs):
+        if hasattr(self.space, "n"):
+            if self.action is None or self.rng.random() > 0.9:
+                self.action = int(self.rng.integers(self.space.n))
+            return self.action
+        low, high = self.space.low, self.space.high
+        if self.action is None:
+            self.action = self.rng.uniform(low, high)
+        else:
+            step = self.sigma * np.sqrt(self.dt) * self.rng.standard_normal(len(low))
+            self.action = np.clip(self.action + step * (high - low), low, high)
+        return self.action.astype(np.float32)
+
+
+def is_car(space) -> bool:
+    """[steer, gas, brake] in [-1, 1] x [0, 1] x [0, 1]: CarRacing, SimpleDriving, CARLA."""
+    return (not hasattr(space, "n") and space.shape == (3,) and
+            np.allclose(space.low, [-1, 0, 0]) and np.allclose(space.high, [1, 1, 1]))
+
+
+class DrivePolicy:
+    """Gas-biased driving noise for car envs (see the module docstring)."""
+
+    def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
+                 dt: float = 1 / 50):
+        if not is_car(space):
+            raise ValueError(f"collect.policy drive needs a [steer, gas, brake] action space, "
+                             f"this env has {space}; use brownian")
+        self.rng, self.gas_mean = rng, gas
+        self.step_std = sigma * np.sqrt(dt)
+        self.steer, self.gas, self.brake = 0.0, float(rng.uniform(gas / 2, 1.0)), 0.0
+
+    def __call__(self, obs):
+        r = self.rng
+        # steering reverts to straight ahead within ~20 steps, so cars go somewhere
+        self.steer = float(np.clip(0.95 * self.steer + 2 * self.step_std * r.standard_normal(),
+                                   -1, 1))
+        self.gas = float(np.clip(self.gas + 0.05 * (self.gas_mean - self.gas) +
+                                 self.step_std * r.standard_normal(), 0, 1))
+        self.brake = float(r.uniform(0.3, 1.0)) if r.random() < 0.02 else 0.7 * self.brake
+        return np.array([self.steer, self.gas, self.brake if self.brake > 0.05 else 0.0],
+                        np.float32)
+
+
+def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
+    """A model-free collection policy, seeded per episode."""
+    rng = np.random.default_rng([seed, 7])
+    if kind == "random":
+        return RandomPolicy(space, rng)
+    if kind == "brownian":
+        return BrownianPolicy(space, rng, sigma)
+    if kind == "drive":
+        return DrivePolicy(space, rng, sigma, gas)
+    raise ValueError(f"unknown policy {kind!r}; known: {', '.join(KINDS)}")
+
+
+def run_episode(env, policy, seed: int, max_steps: int):
+    """Step one episode; returns arrays (obs, actions, rewards, terminated, truncated)."""
+    obs, _ = env.reset(seed=seed)
+    frames, actions, rewards, terms, truncs = [], [], [], [], []
+    for t in range(max_steps):
+        action = policy(obs)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        truncated = truncated or t == max_steps - 1
+        frames.append(obs)
+        actions.append(np.atleast_1d(np.asarray(action, np.float32)))
+        rewards.append(reward)
+        terms.append(terminated)
+        truncs.append(truncated and not terminated)
+        obs = next_obs
+        if terminated or truncated:
+            break
+    return (np.stack(frames), np.stack(actions), np.asarray(rewards, np.float32),
+            np.asarray(terms), np.asarray(truncs))
+
+
+# ---------------------------------------------------------------- the World Models agent
+
+def make_controller(cfg, latent: int, hidden: int, action_dim: int, discrete: bool):
+    from rayworld.models.controller import Controller
+
+    return Controller(latent=latent, hidden=hidden, action_dim=action_dim, kind=cfg.controller.kind,
+                      mlp_hidden=tuple(cfg.controller.mlp_hidden), discrete=discrete)
+
+
+def load_controller_params(run_dir: Path) -> tuple[np.ndarray, int]:
+    from rayworld.train.common import load_model_file
+
+    path = Path(run_dir) / "checkpoints" / CONTROLLER
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no controller yet ({path} is missing): run "
+                                f"`rayworld evolve --out {run_dir}` first")
+    state = load_model_file(path, "evolve")
+    return state["params"].double().numpy(), int(state["generation"])
+
+
+class Agent:
+    """The World Models agent on real frames: VAE -> z, controller on [z, h], MDN-RNN -> next h.
+
+    Callable as a collection policy: `agent(obs)` returns the env action. Call `reset()` at
+    the start of every episode. `policy` replaces the evolved controller with any callable
+    on (z [B, Z], h [B, H]) that returns actions [B, A] (discrete: indices [B]), e.g. an
+    RLlib policy (rayworld.rllib.MeanActionPolicy).
+
+    `noise` > 0 adds Gaussian exploration noise to continuous actions (clipped to the action
+    space) or, for discrete ones, takes a uniform action with probability `noise`.
+    `z_sample`: encode frames as a sample of the VAE posterior instead of its mean, matching
+    the latents the MDN-RNN trained and dreams on (`evaluate.z: sample`).
+    """
+
+    def __init__(self, run_dir, cfg, params=None, policy=None, noise: float = 0.0,
+                 z_sample: bool = False, seed: int = 0):
+        from rayworld.dream import WorldModel
+        from rayworld.encode import load_vae
+
+        run = Path(run_dir)
+        self.vae = load_vae(run / "checkpoints" / "vae.pt")
+        self.world = WorldModel.load(run)
+        if self.vae.latent != self.world.latent:
+            raise ValueError(f"{run / 'checkpoints' / 'vae.pt'} has latent {self.vae.latent} but "
+                             f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
+                             "re-run encode and train-mdn (or use another --out)")
+        w = self.world
+        n_out = w.action_n if w.discrete else w.action_dim
+        self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
+        self.policy = self.controller
+        self.noise, self.z_sample = float(noise), bool(z_sample)
+        self.gen = torch.Generator().manual_seed(seed)
+        if params is not None:
+            self.set_params(params)
+        if policy is not None:
+            self.set_policy(policy)
+        self.reset()
+
+    def set_params(self, params):
+        """Act with the evolved controller, with these flat parameters."""
+        self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+        self.policy = self.controller
+
+    def set_policy(self, policy):
+        """Act with any policy on (z, h) instead of the controller."""
+        self.policy = policy
+
+    def reseed(self, seed: int):
+        """The agent's own noise (exploration, sampled z) for the next episode."""
+        self.gen.manual_seed(int(seed))
+
+    def reset(self):
+        self.state = self.world.mdn.initial_state(1)
+
+    @torch.no_grad()
+    def encode(self, obs) -> torch.Tensor:
+        """One HxWxC uint8 frame -> z [1, Z]: the VAE's mean, or a sample with z_sample."""
+        x = torch.tensor(np.asarray(obs)).permute(2, 0, 1)[None].float().div_(255.0)  # copies
+        mu, logvar = self.vae.encode(x)
+        if not self.z_sample:
+            return mu
+        return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=self.gen)
+
+    def _explore(self, a: torch.Tensor) -> torch.Tensor:
+        if self.world.discrete:
+            if torch.rand(1, generator=self.gen).item() < self.noise:
+                return torch.randint(self.world.action_n, a.shape, generator=self.gen)
+            return a
+        from rayworld.dream import action_bounds
+
+        low, high = action_bounds(self.world.action_dim)
+        a = a + self.noise * torch.randn(a.shape, generator=self.gen)
+        return torch.maximum(torch.minimum(a, torch.from_numpy(high)), torch.from_numpy(low))
+
+    @torch.no_grad()
+    def __call__(self, obs):
+        z = self.encode(obs)
+        a = self.policy(z, self.state[0][0])
+        if self.noise > 0:
+            a = self._explore(a)
+        _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
+        return int(a[0]) if self.world.discrete else a[0].numpy()
+
+
+class RandomControllerAgent(Agent):
+    """The paper's exploration: a controller with small random weights, new every episode."""
+
+    def __init__(self, run_dir, cfg, scale: float = 0.1, **kwargs):
+        super().__init__(run_dir, cfg, **kwargs)
+        self.scale = scale
+
+    def reseed(self, seed: int):
+        super().reseed(seed)
+        n = self.controller.num_params
+        self.set_params((self.scale * torch.randn(n, generator=self.gen)).double().numpy())
+
+
+def check_world_model(run_dir: Path):
+    """Read vae.pt and mdn.pt once in the driver, so a damaged one is one line naming the file
+    and its stage, not a traceback from every actor that loads it."""
+    from rayworld.train.common import load_model_file
+
+    ckpt = Path(run_dir) / "checkpoints"
+    load_model_file(ckpt / "vae.pt", "train-vae")
+    load_model_file(ckpt / "mdn.pt", "train-mdn")
+
+
+def require_world_model(kind: str, run_dir: Path):
+    """One line, before any actor starts, when a policy in MODEL_KINDS has nothing to act with."""
+    needs = ("vae.pt", "mdn.pt") + ((CONTROLLER,) if kind == "controller" else ())
+    missing = [p for p in needs if not (Path(run_dir) / "checkpoints" / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"collect.policy {kind} acts through the world model, and "
+                                f"{Path(run_dir) / 'checkpoints'} has no {', '.join(missing)}: "
+                                "run train-vae, encode, train-mdn (and evolve) first, or "
+                                "collect with drive or brownian")
+    check_world_model(run_dir)
+    if kind == "controller":
+        load_controller_params(run_dir)
+
+
+def model_policy(kind: str, run_dir: Path, cfg, noise: float = 0.0) -> Agent:
+    """A collection policy that acts through the run's world model (kinds in MODEL_KINDS)."""
+    require_world_model(kind, run_dir)
+    if kind == "random_controller":
+        return RandomControllerAgent(run_dir, cfg)
+    return Agent(run_dir, cfg, load_controller_params(run_dir)[0], noise=noise)

@@ -1,0 +1,131 @@
+"""What makes the dream transfer: driving data, policies through the world model, evolution in
+the real env, and one-line errors for damaged checkpoints (see also test_learning.py)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from envs.simple_driving import SimpleDrivingEnv
+from rayworld.cli import main
+from rayworld.config import load_config
+from rayworld.policies import make_policy, model_policy, run_episode
+
+
+def _speeds(kind: str, sigma: float, episodes: int = 6) -> np.ndarray:
+    env = SimpleDrivingEnv(max_steps=200)
+    speeds = []
+    for seed in range(episodes):
+        policy = make_policy(kind, env.action_space, seed, sigma)
+        env.reset(seed=seed)
+        for _ in range(200):
+            *_, term, trunc, info = env.step(policy(None))
+            speeds.append(info["speed"])
+            if term or trunc:
+                break
+    return np.asarray(speeds)
+
+
+def test_drive_policy_moves_the_car_where_uniform_gas_and_brake_do_not():
+    drive, brownian = _speeds("drive", 0.25), _speeds("brownian", 0.5)
+    # brake (0.2/step) outweighs gas (0.08/step): the random walk barely rolls
+    assert np.median(brownian) < 0.3
+    assert np.median(drive) > 0.8 and np.percentile(drive, 90) > 1.5
+
+
+def test_drive_policy_refuses_non_car_action_spaces():
+    import gymnasium as gym
+
+    with pytest.raises(ValueError, match="steer, gas, brake"):
+        make_policy("drive", gym.spaces.Box(-1, 1, (6,)), 0, 0.25)
+
+
+def test_model_policies_act_through_the_world_model(tiny_run):
+    cfg = load_config(tiny_run / "config.yaml")
+    env = SimpleDrivingEnv(max_steps=40)
+    agent = model_policy("random_controller", tiny_run, cfg)
+    firsts = []
+    for seed in (1, 2):  # new small random weights every episode
+        agent.reseed(seed)
+        agent.reset()
+        actions = run_episode(env, agent, seed, 40)[1]
+        assert np.all(np.abs(actions[:, 0]) <= 1) and np.all((actions[:, 1:] >= 0) & (actions[:, 1:] <= 1))
+        firsts.append(actions[0])
+    assert not np.allclose(firsts[0], firsts[1])
+    noisy = model_policy("controller", tiny_run, cfg, noise=0.3)
+    clean = model_policy("controller", tiny_run, cfg, noise=0.0)
+    a_noisy = run_episode(env, noisy, 3, 20)[1]
+    a_clean = run_episode(env, clean, 3, 20)[1]
+    assert np.abs(a_noisy - a_clean).max() > 0.05
+
+
+def test_model_policy_without_a_world_model_names_the_stages(ray_session, tmp_path, capsys):
+    args = ["collect", "--config", "tune_configs/quickstart.yaml", "--out", str(tmp_path / "r"),
+            "--set", "collect.policy=random_controller", "--set", "collect.episodes=2"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train-mdn" in err and "mdn.pt" in err
+
+
+def test_evolution_in_the_real_env(tiny_run, tmp_path):
+    run = tmp_path / "real"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "evolve_state.pkl").unlink()
+    args = ["evolve", "--out", str(run), "--set", "evolve.where=real", "--set",
+            "evolve.generations=2", "--set", "evolve.population=4", "--set", "evolve.rollouts=2",
+            "--set", "evaluate.max_steps=30", "--set", "evolve.real_every=2"]
+    assert main(args) == 0
+    import json
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["evolve_where"] == "real" and report["generations"] == 2
+    # the real check at the last generation scored the CMA-ES mean in both worlds
+    assert isinstance(report["dream_return_final"], float)
+    assert report["dream_return_final_horizon"] == 30
+    assert "real env" in (run / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name,stage", [("mdn.pt", "train-mdn"), ("vae.pt", "train-vae"),
+                                        ("controller.pt", "evolve")])
+def test_truncated_checkpoint_is_one_line_naming_file_and_stage(tiny_run, tmp_path, capsys,
+                                                                name, stage):
+    run = tmp_path / "cut"
+    shutil.copytree(tiny_run, run)
+    path = run / "checkpoints" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["evaluate", "--run", str(run), "--episodes", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err and f"rayworld {stage}" in err and "Traceback" not in err
+
+
+def test_corrupt_evolve_state_is_one_line(tiny_run, tmp_path, capsys):
+    run = tmp_path / "state"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "evolve_state.pkl").write_bytes(b"\x80\x04garbage")
+    assert main(["evolve", "--out", str(run), "--set", "evolve.generations=8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evolve_state.pkl" in err and "delete it" in err
+
+
+def test_dream_dropout_masks(tiny_run):
+    """One mask per rollout stays put for the rollout; per step it changes every step."""
+    from rayworld.dream import BatchedDream, WorldModel
+    from rayworld.models.mdn import MDNRNN
+
+    world = WorldModel.load(tiny_run)
+    m = world.mdn
+    world.mdn = MDNRNN(m.latent, m.action_dim, m.hidden, m.mixtures, dropout=0.5)
+    world.mdn.load_state_dict(m.state_dict())
+    world.mdn.eval()
+    gen = torch.Generator().manual_seed(0)
+    action = torch.zeros(4, world.action_dim)
+    for mode, same in (("rollout", True), ("step", False)):
+        dream = BatchedDream(world, 1.0, 10, mode)
+        z, state = dream.reset(4, gen)
+        first = dream.mask.clone()
+        assert set(first.unique().tolist()) <= {0.0, 2.0}
+        dream.step(z, state, action, gen)
+        assert torch.equal(first, dream.mask) == same
+    assert BatchedDream(WorldModel.load(tiny_run), 1.0, 10, "rollout").dropout == "off"
