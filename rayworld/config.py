@@ -136,6 +136,9 @@ class EvolveConfig:
     # keep the MDN-RNN's dropout (mdn.dropout) on in the dream: one mask per rollout, or a new
     # one every step; off: the plain mean model
     dropout: Literal["off", "rollout", "step"] = "rollout"
+    # threshold: a dream ends where the done head's P(end) > 0.5; survival: each reward is
+    # weighted by P(still running), so a controller gains nothing where the model is unsure
+    done: Literal["threshold", "survival"] = "survival"
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 

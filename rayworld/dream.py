@@ -24,6 +24,7 @@ from rayworld.models.mdn import MDNRNN, sample_next
 from rayworld.train.common import load_model_file
 
 DROPOUT_MODES = ("off", "rollout", "step")
+DONE_MODES = ("threshold", "survival")
 
 
 @dataclass
@@ -96,10 +97,13 @@ class BatchedDream:
     """
 
     def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000,
-                 dropout: str = "off"):
+                 dropout: str = "off", done: str = "threshold"):
         if dropout not in DROPOUT_MODES:
             raise ValueError(f"dream dropout {dropout!r}: expected one of {DROPOUT_MODES}")
-        self.world, self.tau, self.max_steps = world, tau, max_steps
+        if done not in DONE_MODES:
+            raise ValueError(f"dream done {done!r}: expected one of {DONE_MODES}")
+        self.world, self.tau, self.max_steps, self.done = world, tau, max_steps, done
+        self.done_p = None  # the last step's P(episode ends) [B]
         self.dropout = dropout if world.mdn.dropout > 0 else "off"
         self.mask = None  # the rollouts' dropout masks [B, H]
 
@@ -136,23 +140,28 @@ class BatchedDream:
         noise = (self._draw(torch.rand, len(z), z.shape[1], shared, generator),
                  self._draw(torch.randn, len(z), z.shape[1], shared, generator))
         z_next = sample_next(out, self.tau, noise=noise)
-        done = self.world.done_prob(out.done_logit) > 0.5
-        return z_next, state, out.reward, done
+        self.done_p = self.world.done_prob(out.done_logit)
+        return z_next, state, out.reward, self.done_p > 0.5
 
     @torch.no_grad()
     def rollout(self, policy, batch: int, seed: int, shared: int = 1,
                 max_steps: int | None = None) -> torch.Tensor:
-        """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A]."""
+        """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A].
+
+        done "threshold": a rollout ends where P(end) > 0.5. "survival": every reward is
+        weighted by the probability that the episode is still running, so steps where the
+        model is unsure whether the car is still on the road count for less.
+        """
         gen = torch.Generator(device=self.world.device).manual_seed(seed)
         z, state = self.reset(batch, gen, shared)
         total = torch.zeros(batch, device=z.device)
-        alive = torch.ones(batch, dtype=torch.bool, device=z.device)
+        alive = torch.ones(batch, device=z.device)
         for _ in range(max_steps or self.max_steps):
             action = policy(z, state[0][0])
             z, state, reward, done = self.step(z, state, action, gen, shared)
             total += reward * alive
-            alive &= ~done
-            if not alive.any():
+            alive = alive * (1 - self.done_p) if self.done == "survival" else alive * ~done
+            if not (alive > 1e-3).any():
                 break
         return total
 

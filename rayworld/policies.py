@@ -68,16 +68,21 @@ def is_car(space) -> bool:
 
 
 class DrivePolicy:
-    """Gas-biased driving noise for car envs (see the module docstring)."""
+    """Gas-biased driving noise for car envs (see the module docstring).
+
+    Braking comes in holds of 5 to 40 steps at a random strength, with the gas left as it is:
+    a model that never saw a car stop under brake lets the controller brake for free.
+    """
 
     def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
-                 dt: float = 1 / 50):
+                 dt: float = 1 / 50, brake_rate: float = 0.01):
         if not is_car(space):
             raise ValueError(f"collect.policy drive needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
-        self.rng, self.gas_mean = rng, gas
+        self.rng, self.gas_mean, self.brake_rate = rng, gas, brake_rate
         self.step_std = sigma * np.sqrt(dt)
-        self.steer, self.gas, self.brake = 0.0, float(rng.uniform(gas / 2, 1.0)), 0.0
+        self.steer, self.gas = 0.0, float(rng.uniform(gas / 2, 1.0))
+        self.brake, self.hold = 0.0, 0
 
     def __call__(self, obs):
         r = self.rng
@@ -86,9 +91,11 @@ class DrivePolicy:
                                    -1, 1))
         self.gas = float(np.clip(self.gas + 0.05 * (self.gas_mean - self.gas) +
                                  self.step_std * r.standard_normal(), 0, 1))
-        self.brake = float(r.uniform(0.3, 1.0)) if r.random() < 0.02 else 0.7 * self.brake
-        return np.array([self.steer, self.gas, self.brake if self.brake > 0.05 else 0.0],
-                        np.float32)
+        if self.hold == 0 and r.random() < self.brake_rate:
+            self.brake, self.hold = float(r.uniform(0.2, 1.0)), int(r.integers(5, 41))
+        self.hold = max(self.hold - 1, 0)
+        brake = self.brake if self.hold else 0.0
+        return np.array([self.steer, self.gas, brake], np.float32)
 
 
 def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):

@@ -129,3 +129,29 @@ def test_dream_dropout_masks(tiny_run):
         dream.step(z, state, action, gen)
         assert torch.equal(first, dream.mask) == same
     assert BatchedDream(WorldModel.load(tiny_run), 1.0, 10, "rollout").dropout == "off"
+
+
+def test_survival_weights_each_reward_by_the_chance_the_episode_still_runs(tiny_run):
+    """Constant heads make the expected values exact: reward r and P(end) p every step give
+    r * sum_t (1 - p)^t under survival, and r * T under the 0.5 threshold (p < 0.5)."""
+    import math
+
+    from rayworld.dream import BatchedDream, WorldModel
+
+    world = WorldModel.load(tiny_run)
+    r, p, steps = 0.5, 0.2, 12
+    with torch.no_grad():
+        world.mdn.reward_head.weight.zero_()
+        world.mdn.reward_head.bias.fill_(r)
+        world.mdn.done_head.weight.zero_()
+        # done_prob undoes the training's positive weight: logit = logit(p) + log(w)
+        world.mdn.done_head.bias.fill_(math.log(p / (1 - p)) + math.log(world.done_pos_weight))
+
+    def policy(z, h):
+        return torch.zeros(len(z), world.action_dim)
+
+    survival = BatchedDream(world, 1.0, steps, done="survival").rollout(policy, 3, seed=0)
+    threshold = BatchedDream(world, 1.0, steps, done="threshold").rollout(policy, 3, seed=0)
+    expected = r * sum((1 - p) ** t for t in range(steps))
+    assert torch.allclose(survival, torch.full((3,), expected), atol=1e-4)
+    assert torch.allclose(threshold, torch.full((3,), r * steps), atol=1e-4)
