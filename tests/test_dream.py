@@ -70,16 +70,19 @@ def test_killed_evaluator_share_is_redone(tiny_run):
 
     from rayworld.evolve import EvolveWorker, _score
 
-    cfg = load_config(tiny_run / "config.yaml", ["evolve.max_steps=200"])
+    cfg = load_config(tiny_run / "config.yaml", ["evolve.max_steps=1000"])
     cls = ray.remote(num_cpus=0.5, max_restarts=3, max_task_retries=0)(EvolveWorker)
     workers = [cls.options(name=f"test-dream-evaluator-{i}").remote(str(tiny_run),
                                                                    cfg.to_dict())
                for i in range(2)]
     n = ray.get(workers[0].num_params.remote())
     params = np.random.default_rng(1).normal(0, 0.1, (64, n))
-    reference = _score(workers, params, 16, seed=3, log=print)
+    reference = _score(workers, params, 16, seed=3, log=print)  # also warms both actors up
+    t0 = time.time()
+    np.testing.assert_allclose(_score(workers, params, 16, seed=3, log=print), reference)
+    took = time.time() - t0  # the kill must land while the shares are being scored
     logs = []
-    killer = threading.Timer(0.5, lambda: ray.kill(workers[0], no_restart=False))
+    killer = threading.Timer(min(0.5, took / 3), lambda: ray.kill(workers[0], no_restart=False))
     killer.start()
     t0 = time.time()
     fitness = _score(workers, params, 16, seed=3, log=logs.append)
