@@ -129,7 +129,7 @@ def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
     m = Manifest.load(run / "data")
     assert sorted(m.shards) == list(range(24))
     policies = {e: pq.read_schema(m.file(e)).metadata[b"rayworld.policy"] for e in (0, 12, 23)}
-    assert policies == {0: b"brownian", 12: b"controller", 23: b"controller"}
+    assert policies == {0: b"drive", 12: b"controller", 23: b"controller"}
     assert torch.load(run / "checkpoints" / "vae.pt", weights_only=True)["epoch"] == 2
     assert torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)["epoch"] == 4
     assert torch.load(run / "checkpoints" / "controller.pt", weights_only=True)["generation"] == 12
