@@ -181,6 +181,10 @@ class Agent:
         self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
         self.policy = self.controller
         self.noise, self.z_sample = float(noise), bool(z_sample)
+        if not w.discrete:  # exploration clips to these; computed once, not every step
+            from rayworld.dream import action_bounds
+
+            self.low, self.high = map(torch.from_numpy, action_bounds(w.action_dim))
         self.gen = torch.Generator().manual_seed(seed)
         if params is not None:
             self.set_params(params)
@@ -218,11 +222,8 @@ class Agent:
             if torch.rand(1, generator=self.gen).item() < self.noise:
                 return torch.randint(self.world.action_n, a.shape, generator=self.gen)
             return a
-        from rayworld.dream import action_bounds
-
-        low, high = action_bounds(self.world.action_dim)
         a = a + self.noise * torch.randn(a.shape, generator=self.gen)
-        return torch.maximum(torch.minimum(a, torch.from_numpy(high)), torch.from_numpy(low))
+        return torch.maximum(torch.minimum(a, self.high), self.low)
 
     @torch.no_grad()
     def __call__(self, obs):
