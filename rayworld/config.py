@@ -43,11 +43,13 @@ class SourceConfig:
 class CollectConfig:
     episodes: int = 64
     max_steps: int = 300  # per episode; the env may end it earlier
-    # rayworld.policies: random, brownian, drive (gas-biased, for cars), random_controller (the
-    # paper's: small random weights on [z, h]), controller (the evolved one plus `noise`)
-    policy: Literal["random", "brownian", "drive", "random_controller", "controller"] = "brownian"
+    # rayworld.policies: random, brownian, drive (gas-biased, for cars), track (a scripted road
+    # follower), random_controller (the paper's: small random weights on [z, h]), controller
+    # (the evolved one plus `noise`)
+    policy: Literal["random", "brownian", "drive", "track", "random_controller",
+                    "controller"] = "brownian"
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
-    gas: float = 0.7  # drive: the gas level the walk reverts to
+    gas: float = 0.7  # drive, track: the gas level the walk reverts to
     noise: float = 0.1  # controller: exploration noise std (discrete: random-action probability)
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`
@@ -97,6 +99,9 @@ class MDNConfig:
     dynamics_lr: float = 0.0  # the LSTM; 0: lr
     head_lr: float = 0.0  # the mixture, reward and done heads; 0: lr
     dropout: float = 0.0  # on h before the heads; the dream can keep it on (evolve.dropout)
+    # E > 1: E sets of heads (next z, reward, done) on one shared LSTM, each trained on its own
+    # bootstrap of the batches; the dream uses them as evolve.ensemble says
+    ensemble: int = 1
     reward_weight: float = 1.0
     done_weight: float = 1.0
     done_pos_weight: float = 10.0  # episode ends are rare: weigh them up
@@ -139,6 +144,9 @@ class EvolveConfig:
     # threshold: a dream ends where the done head's P(end) > 0.5; survival: each reward is
     # weighted by P(still running), so a controller gains nothing where the model is unsure
     done: Literal["threshold", "survival"] = "survival"
+    # with mdn.ensemble > 1. member: each rollout follows one member (next z, reward, done);
+    # pessimistic: the same, but each step's reward is the lowest the members predict
+    ensemble: Literal["member", "pessimistic"] = "member"
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 
@@ -252,7 +260,7 @@ def _validate(cfg: Config):
         "vae.epochs": cfg.vae.epochs, "vae.lr": cfg.vae.lr,
         "mdn.hidden": cfg.mdn.hidden, "mdn.mixtures": cfg.mdn.mixtures,
         "mdn.seq_len": cfg.mdn.seq_len, "mdn.batch_size": cfg.mdn.batch_size,
-        "mdn.epochs": cfg.mdn.epochs, "mdn.lr": cfg.mdn.lr,
+        "mdn.epochs": cfg.mdn.epochs, "mdn.lr": cfg.mdn.lr, "mdn.ensemble": cfg.mdn.ensemble,
         "vae.grad_accum": cfg.vae.grad_accum, "mdn.grad_accum": cfg.mdn.grad_accum,
         "ray.num_workers": cfg.ray.num_workers, "ray.cpus_per_worker": cfg.ray.cpus_per_worker,
         "data.val_every": cfg.data.val_every, "data.shuffle_buffer": cfg.data.shuffle_buffer,

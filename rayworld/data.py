@@ -120,14 +120,17 @@ def _write_table(path: Path, table: pa.Table, compression: str) -> int:
 def open_shard(path) -> pq.ParquetFile:
     """Open a shard and check its schema version; errors name the file."""
     path = Path(path)
+    # latent series (data/series/) are made by encode, episodes by collect; both replace
+    # the shards they find damaged
+    stage = "encode" if path.parent.name == "series" else "collect"
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in the manifest is missing; "
-                         "re-run `rayworld collect` to replace it") from None
+                         f"re-run `rayworld {stage}` to replace it") from None
     except (pa.ArrowException, OSError) as e:
         raise ShardError(f"{path}: corrupt or truncated Parquet shard ({e}); "
-                         "re-run `rayworld collect` to replace it") from None
+                         f"re-run `rayworld {stage}` to replace it") from None
     meta = pf.schema_arrow.metadata or {}
     found = meta.get(VERSION_KEY, b"none").decode()
     if found != str(SCHEMA_VERSION):

@@ -22,7 +22,7 @@ from rayworld.dream import WorldModel
 from rayworld.encode import SERIES, load_vae, vae_id
 from rayworld.images import save_recon_grid
 from rayworld.metrics import psnr
-from rayworld.models.mdn import sample_next
+from rayworld.models.mdn import sample_next, select_member
 from rayworld.models.vae import to_float
 from rayworld.train.common import tb_writer
 
@@ -77,6 +77,7 @@ def diagnose(cfg: Config, run_dir: Path, episodes: int = 32, log=print) -> dict:
     pred_reward, pred_done, pred_z = np.zeros((b, t_max)), np.zeros((b, t_max), bool), {}
     for t in range(t_max):
         out, state = world.mdn.step(z, torch.from_numpy(action[:, t]), state)
+        out = select_member(out, 0)  # an ensemble's first member
         pred_reward[:, t] = out.reward.numpy()
         pred_done[:, t] = (world.done_prob(out.done_logit) > 0.5).numpy()
         z = sample_next(out, tau=0)

@@ -20,11 +20,12 @@ from torch.func import functional_call, stack_module_state, vmap
 from rayworld.data import Manifest
 from rayworld.encode import SERIES
 from rayworld.models.controller import Controller
-from rayworld.models.mdn import MDNRNN, sample_next
+from rayworld.models.mdn import MDNRNN, sample_next, select_member
 from rayworld.train.common import load_model_file
 
 DROPOUT_MODES = ("off", "rollout", "step")
 DONE_MODES = ("threshold", "survival")
+ENSEMBLE_MODES = ("member", "pessimistic")
 
 
 @dataclass
@@ -65,7 +66,8 @@ class WorldModel:
         state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
         mdn = MDNRNN(latent=state["latent"], action_dim=state["action_dim"],
                      hidden=state["hidden"], mixtures=state["mixtures"],
-                     action_n=state.get("action_n", 0), dropout=state.get("dropout", 0.0))
+                     action_n=state.get("action_n", 0), dropout=state.get("dropout", 0.0),
+                     ensemble=state.get("ensemble", 1))
         mdn.load_state_dict(state["model"])
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
@@ -90,22 +92,29 @@ class BatchedDream:
 
     `shared` > 1 gives common random numbers: rows come as `shared` consecutive blocks of
     B / shared rollouts, and row r of every block gets the same start latent, the same dream
-    noise and the same dropout mask. Blocks are CMA-ES candidates, so every candidate of a
-    generation meets the same dreams and the ranking reflects the controllers.
+    noise, the same dropout mask and the same ensemble member. Blocks are CMA-ES candidates,
+    so every candidate of a generation meets the same dreams and the ranking reflects the
+    controllers.
     `dropout`: "off", "rollout" (one mask per rollout, kept for all its steps) or "step" (a
     new mask every step), at the rate the MDN-RNN trained with (mdn.dropout).
+    `ensemble` (an MDN-RNN with E > 1 head sets): row r follows member r mod E of its block;
+    "pessimistic" also scores every step with the lowest reward any member predicts.
     """
 
     def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000,
-                 dropout: str = "off", done: str = "threshold"):
+                 dropout: str = "off", done: str = "threshold", ensemble: str = "member"):
         if dropout not in DROPOUT_MODES:
             raise ValueError(f"dream dropout {dropout!r}: expected one of {DROPOUT_MODES}")
         if done not in DONE_MODES:
             raise ValueError(f"dream done {done!r}: expected one of {DONE_MODES}")
+        if ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f"dream ensemble {ensemble!r}: expected one of {ENSEMBLE_MODES}")
         self.world, self.tau, self.max_steps, self.done = world, tau, max_steps, done
+        self.ensemble = ensemble
         self.done_p = None  # the last step's P(episode ends) [B]
         self.dropout = dropout if world.mdn.dropout > 0 else "off"
         self.mask = None  # the rollouts' dropout masks [B, H]
+        self.member = None  # the rollouts' ensemble members [B]
 
     def _draw(self, fn, batch: int, width: int, shared: int, gen) -> torch.Tensor:
         x = fn(batch // shared, width, generator=gen, device=self.world.device)
@@ -117,15 +126,30 @@ class BatchedDream:
         mask = self.world.mdn.dropout_mask(batch // shared, gen, self.world.device)
         return mask.repeat(shared, 1) if shared > 1 else mask
 
+    def _start(self, n: int, gen) -> torch.Tensor:
+        w = self.world
+        idx = torch.randint(len(w.z0_mu), (n,), generator=gen, device=w.device)
+        eps = torch.randn(n, w.latent, generator=gen, device=w.device)
+        return w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
+
     @torch.no_grad()
     def reset(self, batch: int, generator: torch.Generator, shared: int = 1):
         w = self.world
         n = batch // shared
-        idx = torch.randint(len(w.z0_mu), (n,), generator=generator, device=w.device)
-        eps = torch.randn(n, w.latent, generator=generator, device=w.device)
-        z = w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
+        z = self._start(n, generator)
         self.mask = self.new_mask(batch, shared, generator)
+        self.member = torch.arange(n, device=w.device).remainder(w.mdn.ensemble).repeat(shared)
         return (z.repeat(shared, 1) if shared > 1 else z), w.mdn.initial_state(batch)
+
+    @torch.no_grad()
+    def restart(self, z, state, rows: torch.Tensor, generator: torch.Generator):
+        """New dreams in `rows` (in place): fresh first latents, a zero LSTM state and, for
+        rollout dropout, new masks. Their ensemble members stay."""
+        z[rows] = self._start(len(rows), generator)
+        for s in state:
+            s[:, rows] = 0.0
+        if self.mask is not None and self.dropout == "rollout":
+            self.mask[rows] = self.new_mask(len(rows), 1, generator)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Actions as the shards hold them: a vector, or [index] (the MDN-RNN one-hots it)."""
@@ -137,11 +161,18 @@ class BatchedDream:
             self.mask = self.new_mask(len(z), shared, generator)
         mask = self.mask if self.dropout != "off" else None
         out, state = self.world.mdn.step(z, self.action_input(action), state, mask)
+        reward = None
+        if self.world.mdn.ensemble > 1:
+            if self.member is None or len(self.member) != len(z):
+                self.member = torch.arange(len(z), device=z.device) % self.world.mdn.ensemble
+            if self.ensemble == "pessimistic":
+                reward = out.reward.min(0).values
+            out = select_member(out, self.member)
         noise = (self._draw(torch.rand, len(z), z.shape[1], shared, generator),
                  self._draw(torch.randn, len(z), z.shape[1], shared, generator))
         z_next = sample_next(out, self.tau, noise=noise)
         self.done_p = self.world.done_prob(out.done_logit)
-        return z_next, state, out.reward, self.done_p > 0.5
+        return z_next, state, out.reward if reward is None else reward, self.done_p > 0.5
 
     @torch.no_grad()
     def rollout(self, policy, batch: int, seed: int, shared: int = 1,
@@ -274,15 +305,7 @@ class DreamVectorEnv(gym.vector.VectorEnv):
         return torch.cat([self._z, self._state[0][0]], dim=1).numpy().astype(np.float32)
 
     def _restart(self, rows: torch.Tensor):
-        """New dreams in `rows`: fresh first latents and a zero LSTM state."""
-        mask = self.dream.mask
-        z, _ = self.dream.reset(len(rows), self._gen)
-        if mask is not None:  # new masks for the new dreams only
-            mask[rows] = self.dream.mask
-            self.dream.mask = mask
-        self._z[rows] = z
-        for s in self._state:
-            s[:, rows] = 0.0
+        self.dream.restart(self._z, self._state, rows, self._gen)
         self._t[rows] = 0
 
     def reset(self, *, seed=None, options=None):

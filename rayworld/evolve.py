@@ -45,7 +45,8 @@ class EvolveWorker(RealRunner):
         e = self.cfg.evolve
         # The dream runs on the GPU when Ray gave this actor one; real episodes stay on CPU.
         device = "cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
-        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps, e.dropout, e.done)
+        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps, e.dropout, e.done,
+                                   e.ensemble)
         self.dream_template = copy.deepcopy(self.controller).to(device)
 
     def num_params(self) -> int:

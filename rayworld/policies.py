@@ -5,6 +5,11 @@
 - `drive`: for [steer, gas, brake] cars: steering as a mean-reverting walk around straight
   ahead, gas as a walk biased towards `collect.gas`, short brake taps now and then. Uniform
   gas and brake leave a car standing (brake outweighs gas), so its data never shows speed.
+- `track`: for car envs with a grey road (CarRacing, SimpleDriving): a scripted driver that
+  steers towards the road it sees ahead in the frame, with per-episode skill and speed, noise on
+  the wheel, brake holds and lapses where it lets go and leaves the road. Like Dropout's Dream
+  Land's expert data, it shows the model the track being driven; the controller still learns
+  only in the dream.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
   episode, acting through the run's VAE and MDN-RNN.
 - `controller`: the evolved controller, plus Gaussian exploration noise (`collect.noise`).
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 CONTROLLER = "controller.pt"
-KINDS = ("random", "brownian", "drive", "random_controller", "controller")
+KINDS = ("random", "brownian", "drive", "track", "random_controller", "controller")
 MODEL_KINDS = ("random_controller", "controller")  # these need a trained VAE and MDN-RNN
 
 
@@ -98,6 +103,58 @@ class DrivePolicy:
         return np.array([self.steer, self.gas, brake], np.float32)
 
 
+def road_mask(frame: np.ndarray) -> np.ndarray:
+    """Grey asphalt: R, G and B within 15 of each other, at 81..139 (CarRacing's 100-107)."""
+    o = frame.astype(np.int16)
+    r, g, b = o[..., 0], o[..., 1], o[..., 2]
+    return (np.abs(r - g) < 15) & (np.abs(g - b) < 15) & (r > 80) & (r < 140)
+
+
+class TrackPolicy:
+    """A road follower on 64x64 frames with the car at the centre column (see the module
+    docstring). Each episode draws its own gains, look-ahead, speed and noise level, so the
+    data holds good driving, sloppy driving, spins and recoveries."""
+
+    CAR_COL = 31.5
+
+    def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
+                 lapse_rate: float = 0.002, brake_rate: float = 0.005):
+        if not is_car(space):
+            raise ValueError(f"collect.policy track needs a [steer, gas, brake] action space, "
+                             f"this env has {space}; use brownian")
+        self.rng, self.lapse_rate, self.brake_rate = rng, lapse_rate, brake_rate
+        self.kp = rng.uniform(1.5, 3.0)
+        top = int(rng.integers(24, 35))
+        self.rows = slice(top, top + 16)
+        self.gas_mean = float(np.clip(gas * rng.uniform(0.5, 1.5), 0, 1))
+        self.sigma = sigma * rng.uniform(0, 1)
+        self.err = self.wobble = 0.0
+        self.gas = self.gas_mean
+        self.brake, self.hold, self.lapse, self.lapse_steer = 0.0, 0, 0, 0.0
+
+    def __call__(self, obs):
+        r = self.rng
+        cols = np.nonzero(road_mask(np.asarray(obs)[self.rows]))[1]
+        err = (cols.mean() - self.CAR_COL) / 32 if len(cols) else self.err
+        steer = self.kp * err + (err - self.err)  # PD: the derivative damps the weave
+        self.err = err
+        self.wobble = 0.9 * self.wobble + self.sigma * 0.3 * r.standard_normal()
+        if self.lapse == 0 and r.random() < self.lapse_rate:
+            self.lapse, self.lapse_steer = int(r.integers(10, 61)), float(r.uniform(-1, 1))
+        if self.lapse:
+            self.lapse -= 1
+            steer = self.lapse_steer
+        self.gas = float(np.clip(self.gas + 0.05 * (self.gas_mean - self.gas) +
+                                 0.02 * r.standard_normal(), 0, 1))
+        if self.hold == 0 and r.random() < self.brake_rate:
+            self.brake, self.hold = float(r.uniform(0.2, 1.0)), int(r.integers(5, 31))
+        self.hold = max(self.hold - 1, 0)
+        brake = self.brake if self.hold else 0.0
+        steer = float(np.clip(steer + self.wobble, -1, 1))
+        gas = self.gas if abs(steer) < 0.5 else 0.0  # ease off through sharp bends
+        return np.array([steer, gas, brake], np.float32)
+
+
 def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
     """A model-free collection policy, seeded per episode."""
     rng = np.random.default_rng([seed, 7])
@@ -107,6 +164,8 @@ def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
         return BrownianPolicy(space, rng, sigma)
     if kind == "drive":
         return DrivePolicy(space, rng, sigma, gas)
+    if kind == "track":
+        return TrackPolicy(space, rng, sigma, gas)
     raise ValueError(f"unknown policy {kind!r}; known: {', '.join(KINDS)}")
 
 

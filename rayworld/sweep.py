@@ -218,7 +218,7 @@ def controller_trial(config: dict):
     world = WorldModel.load(Path(config["_data"]))
     n_out = world.action_n if world.discrete else world.action_dim
     template = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete).eval()
-    dream = BatchedDream(world, e.tau, e.max_steps, e.dropout, e.done)
+    dream = BatchedDream(world, e.tau, e.max_steps, e.dropout, e.done, e.ensemble)
     ckpt = tune.get_checkpoint()
     history = {"dream_mean": [], "dream_best": []}
     if ckpt is not None:

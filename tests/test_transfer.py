@@ -34,11 +34,29 @@ def test_drive_policy_moves_the_car_where_uniform_gas_and_brake_do_not():
     assert np.median(drive) > 0.8 and np.percentile(drive, 90) > 1.5
 
 
+def test_track_policy_drives_the_carracing_track():
+    """Even a noisy episode of the scripted driver collects tiles; uniform actions lose
+    points. 400 steps: the 50-step zoom, then most of a lap's first third."""
+    from envs.registry import make_env
+
+    env = make_env("rayworld/CarRacing-v0")
+    track, rand = [], []
+    for seed in (0, 1):
+        track.append(run_episode(env, make_policy("track", env.action_space, seed, 0.5, 0.12),
+                                 seed, 400)[2].sum())
+        rand.append(run_episode(env, make_policy("random", env.action_space, seed, 0.5),
+                                seed, 400)[2].sum())
+    env.close()
+    assert min(track) > 100 and max(rand) < 20, (track, rand)
+
+
 def test_drive_policy_refuses_non_car_action_spaces():
     import gymnasium as gym
 
     with pytest.raises(ValueError, match="steer, gas, brake"):
         make_policy("drive", gym.spaces.Box(-1, 1, (6,)), 0, 0.25)
+    with pytest.raises(ValueError, match="steer, gas, brake"):
+        make_policy("track", gym.spaces.Box(-1, 1, (6,)), 0, 0.25)
 
 
 def test_model_policies_act_through_the_world_model(tiny_run):
@@ -155,3 +173,112 @@ def test_survival_weights_each_reward_by_the_chance_the_episode_still_runs(tiny_
     expected = r * sum((1 - p) ** t for t in range(steps))
     assert torch.allclose(survival, torch.full((3,), expected), atol=1e-4)
     assert torch.allclose(threshold, torch.full((3,), r * steps), atol=1e-4)
+
+
+def _ensemble(world, members: int):
+    """The tiny run's MDN-RNN with `members` head sets on its trained LSTM."""
+    from rayworld.models.mdn import MDNRNN
+
+    m = world.mdn
+    ens = MDNRNN(m.latent, m.action_dim, m.hidden, m.mixtures, ensemble=members)
+    ens.lstm.load_state_dict(m.lstm.state_dict())
+    world.mdn = ens.eval()
+    return world
+
+
+def test_ensemble_loss_is_the_members_mean_and_bootstrap_weights_count():
+    from rayworld.models.mdn import MDNRNN, mdn_loss, select_member
+
+    torch.manual_seed(0)
+    model = MDNRNN(latent=4, action_dim=3, hidden=8, mixtures=2, ensemble=3)
+    z, a = torch.randn(5, 7, 4), torch.randn(5, 7, 3)
+    z_next, reward, done = torch.randn(5, 7, 4), torch.randn(5, 7), torch.zeros(5, 7)
+    out, _ = model(z, a)
+    assert out.mu.shape == (3, 5, 7, 4, 2) and out.reward.shape == (3, 5, 7)
+    assert out.h.shape == (5, 7, 8)  # one shared LSTM state
+    mask = torch.ones(5, 7)
+    ones = mdn_loss(out, z_next, reward, done, mask=mask, weights=torch.ones(3, 5, 1))
+    each = [mdn_loss(select_member(out, k), z_next, reward, done, mask=mask) for k in range(3)]
+    for key in ("nll", "reward_mse", "done_bce"):
+        assert torch.allclose(ones[key], torch.stack([e[key] for e in each]).mean(), atol=1e-5)
+    # member 1 ignoring every row but row 0 is member 0's loss on row 0 alone
+    w = torch.zeros(3, 5, 1)
+    w[1, 0] = 1.0
+    only = mdn_loss(out, z_next, reward, done, mask=mask, weights=w)
+    first = type(out)(*(t[:1] for t in select_member(out, 1)))
+    row0 = mdn_loss(first, z_next[:1], reward[:1], done[:1], mask=mask[:1])
+    assert torch.allclose(only["nll"], row0["nll"], atol=1e-5)
+
+
+def test_dream_ensemble_member_per_rollout_and_pessimistic_reward(tiny_run):
+    """Member k predicts reward k + 1 and never ends: each rollout earns its own member's
+    reward, and pessimism earns the lowest member's everywhere."""
+    from rayworld.dream import BatchedDream, WorldModel
+
+    world = _ensemble(WorldModel.load(tiny_run), 3)
+    with torch.no_grad():
+        world.mdn.reward_head.weight.zero_()
+        world.mdn.reward_head.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        world.mdn.done_head.weight.zero_()
+        world.mdn.done_head.bias.fill_(-20.0)
+
+    def policy(z, h):
+        return torch.zeros(len(z), world.action_dim)
+
+    steps = 10
+    member = BatchedDream(world, 1.0, steps, ensemble="member").rollout(policy, 12, 0, shared=2)
+    per_block = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]) * steps
+    assert torch.allclose(member, per_block.repeat(2), atol=1e-3)  # both blocks alike (CRN)
+    pess = BatchedDream(world, 1.0, steps, ensemble="pessimistic").rollout(policy, 12, 0, shared=2)
+    assert torch.allclose(pess, torch.full((12,), float(steps)), atol=1e-3)
+    with pytest.raises(ValueError, match="ensemble"):
+        BatchedDream(world, ensemble="optimistic")
+
+
+def test_dream_vector_env_restart_keeps_members_and_renews_finished_rows(tiny_run):
+    from rayworld.dream import BatchedDream, WorldModel
+
+    world = _ensemble(WorldModel.load(tiny_run), 2)
+    dream = BatchedDream(world, 1.0, 10)
+    gen = torch.Generator().manual_seed(0)
+    z, state = dream.reset(4, gen)
+    members = dream.member.clone()
+    z, state, *_ = dream.step(z, state, torch.zeros(4, world.action_dim), gen)
+    before = z.clone()
+    dream.restart(z, state, torch.tensor([1]), gen)
+    assert torch.equal(dream.member, members) and members.tolist() == [0, 1, 0, 1]
+    assert torch.equal(z[[0, 2, 3]], before[[0, 2, 3]]) and not torch.equal(z[1], before[1])
+    assert float(state[0][:, 1].abs().sum()) == 0.0 and float(state[0][:, 0].abs().sum()) > 0
+
+
+def test_ensemble_trains_and_evolves_from_the_cli(tiny_run, tmp_path):
+    import json
+
+    run = tmp_path / "ens"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints" / "mdn")  # a fresh MDN-RNN, not a resumed one
+    assert main(["train-mdn", "--out", str(run), "--set", "mdn.ensemble=3", "--set",
+                 "mdn.epochs=1"]) == 0
+    state = torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)
+    assert state["ensemble"] == 3 and state["model"]["reward_head.weight"].shape[0] == 3
+    (run / "checkpoints" / "evolve_state.pkl").unlink()
+    assert main(["evolve", "--out", str(run), "--set", "evolve.ensemble=pessimistic", "--set",
+                 "evolve.generations=2", "--set", "evolve.real_every=2"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["generations"] == 2 and np.isfinite(report["dream_return_final"])
+
+
+def test_damaged_shard_met_in_training_is_one_line(tiny_run, tmp_path, capsys):
+    """The worker stops with the file's message instead of raising (which Ray Train would
+    print and retry), and the user reads one line naming the file and the stage that
+    remakes it."""
+    run = tmp_path / "bad"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints" / "mdn")
+    shard = sorted((run / "data" / "series").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:300])
+    assert main(["train-mdn", "--out", str(run), "--set", "mdn.epochs=1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(shard) in err and "rayworld encode" in err and "Traceback" not in err
+    assert not (run / "checkpoints" / "mdn.stopped").exists()  # the marker was consumed

@@ -25,12 +25,16 @@ class MDNOut(NamedTuple):
 
 class MDNRNN(nn.Module):
     def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5,
-                 action_n: int = 0, dropout: float = 0.0):
+                 action_n: int = 0, dropout: float = 0.0, ensemble: int = 1):
         """action_n > 0: discrete actions, given as an index [..., 1], enter the LSTM one-hot.
 
         An index fed as a number would tell the LSTM that action 3 lies between 2 and 4.
         dropout: on h where it enters the heads (the recurrent state is never dropped). The
         dream can keep it on, as Dropout's Dream Land does, with masks from `dropout_mask`.
+        ensemble: E sets of heads (mixture, reward, done) on one shared LSTM. Sharing h keeps
+        one state space, so a controller on [z, h] reads every member the same way; the
+        members disagree where the data is thin. With E > 1 every MDNOut field but h gets a
+        leading member dim [E, ...]; `select_member` picks one member per row.
         """
         super().__init__()
         if action_n and action_dim != 1:
@@ -38,10 +42,13 @@ class MDNRNN(nn.Module):
                              f"{action_dim}")
         self.latent, self.action_dim, self.action_n = latent, action_dim, action_n
         self.hidden, self.mixtures, self.dropout = hidden, mixtures, float(dropout)
+        if ensemble < 1:
+            raise ValueError(f"MDNRNN: ensemble must be at least 1, got {ensemble}")
+        self.ensemble = int(ensemble)
         self.lstm = nn.LSTM(latent + (action_n or action_dim), hidden, batch_first=True)
-        self.mdn_head = nn.Linear(hidden, 3 * latent * mixtures)
-        self.reward_head = nn.Linear(hidden, 1)
-        self.done_head = nn.Linear(hidden, 1)
+        self.mdn_head = nn.Linear(hidden, ensemble * 3 * latent * mixtures)
+        self.reward_head = nn.Linear(hidden, ensemble)
+        self.done_head = nn.Linear(hidden, ensemble)
 
     def initial_state(self, batch: int, device=None):
         device = device if device is not None else self.mdn_head.weight.device
@@ -49,14 +56,15 @@ class MDNRNN(nn.Module):
         return zeros, zeros.clone()
 
     def _heads(self, h: torch.Tensor) -> MDNOut:
-        lead = h.shape[:-1]
-        p = self.mdn_head(h).view(*lead, self.latent, 3, self.mixtures)
-        return MDNOut(
-            logit_pi=p[..., 0, :], mu=p[..., 1, :], log_sigma=p[..., 2, :],
-            reward=self.reward_head(h).squeeze(-1),
-            done_logit=self.done_head(h).squeeze(-1),
-            h=h,
-        )
+        lead, e = h.shape[:-1], self.ensemble
+        p = self.mdn_head(h).view(*lead, e, self.latent, 3, self.mixtures)
+        reward, done = self.reward_head(h), self.done_head(h)  # [..., E]
+        if e == 1:
+            p, reward, done = p.squeeze(-4), reward.squeeze(-1), done.squeeze(-1)
+        else:  # members first
+            p, reward, done = p.movedim(-4, 0), reward.movedim(-1, 0), done.movedim(-1, 0)
+        return MDNOut(logit_pi=p[..., 0, :], mu=p[..., 1, :], log_sigma=p[..., 2, :],
+                      reward=reward, done_logit=done, h=h)
 
     def action_input(self, a: torch.Tensor) -> torch.Tensor:
         if self.action_n:
@@ -77,13 +85,25 @@ class MDNRNN(nn.Module):
     def step(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
         """One step for B parallel dreams; same LSTM call as forward with T=1."""
         out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state, h_mask)
-        return MDNOut(*(t.squeeze(1) for t in out)), state
+        t_dim = 2 if self.ensemble > 1 else 1  # after the member dim
+        return MDNOut(*(t.squeeze(t_dim) for t in out[:-1]), out.h.squeeze(1)), state
 
     def dropout_mask(self, batch: int, generator=None, device=None) -> torch.Tensor:
         """An inverted-dropout mask [B, H] at the trained rate (all ones without dropout)."""
         device = device if device is not None else self.mdn_head.weight.device
         keep = torch.rand(batch, self.hidden, generator=generator, device=device) >= self.dropout
         return keep.float() / (1.0 - self.dropout)
+
+
+def select_member(out: MDNOut, member) -> MDNOut:
+    """One member's view of an ensemble's output: `member` an int (every row) or a LongTensor
+    [B] (row b reads member[b]). Outputs of a single model pass through."""
+    if out.reward.dim() < out.h.dim():  # a single model: no member dim
+        return out
+    if isinstance(member, int):
+        return MDNOut(*(t[member] for t in out[:-1]), out.h)
+    rows = torch.arange(len(member), device=out.h.device)
+    return MDNOut(*(t[member, rows] for t in out[:-1]), out.h)
 
 
 def _component_log_prob(out: MDNOut, z_next: torch.Tensor) -> torch.Tensor:
@@ -94,33 +114,42 @@ def _component_log_prob(out: MDNOut, z_next: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(F.log_softmax(out.logit_pi, dim=-1) + log_n, dim=-1)
 
 
-def _masked_mean(values: torch.Tensor, mask) -> torch.Tensor:
-    if mask is None:
+def _masked_mean(values: torch.Tensor, mask, weights=None) -> torch.Tensor:
+    """Mean over the steps in `mask`; `weights` (broadcast to values) weighs them further."""
+    if mask is None and weights is None:
         return values.mean()
-    mask = mask.to(torch.bool)
-    # where() rather than multiply so NaN/inf in padding cannot leak in.
-    total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp(min=1)
+    keep = torch.ones_like(values, dtype=torch.bool) if mask is None else \
+        mask.to(torch.bool).expand_as(values)
+    w = keep.to(values.dtype)
+    if weights is not None:
+        w = w * weights.to(values.dtype)
+    # where() rather than multiply alone, so NaN/inf in padding cannot leak in
+    total = (torch.where(keep, values, torch.zeros_like(values)) * w).sum()
+    return total / w.sum().clamp(min=1)
 
 
-def mdn_nll(out: MDNOut, z_next: torch.Tensor, mask=None) -> torch.Tensor:
+def mdn_nll(out: MDNOut, z_next: torch.Tensor, mask=None, weights=None) -> torch.Tensor:
     nll = -_component_log_prob(out, z_next).mean(-1)  # paper averages over latent dims
-    return _masked_mean(nll, mask)
+    return _masked_mean(nll, mask, weights)
 
 
 def mdn_loss(out: MDNOut, z_next, reward, done, mask=None, z_mask=None,
              reward_weight: float = 1.0, done_weight: float = 1.0,
-             done_pos_weight: float = 1.0) -> dict:
-    """z_mask (default: mask) excludes steps without a next frame from the NLL only."""
+             done_pos_weight: float = 1.0, weights=None) -> dict:
+    """z_mask (default: mask) excludes steps without a next frame from the NLL only.
+
+    An ensemble's output ([E, ...] fields) gives the members' mean loss; `weights` [E, B, 1]
+    weighs each member's rows (the online bootstrap that makes members differ).
+    """
     if z_mask is None:
         z_mask = mask
-    nll = mdn_nll(out, z_next, z_mask)
-    reward_mse = _masked_mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask)
-    done_f = done.to(out.done_logit.dtype)
+    nll = mdn_nll(out, z_next, z_mask, weights)
+    reward_mse = _masked_mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask, weights)
+    done_f = done.to(out.done_logit.dtype).expand_as(out.done_logit)
     pos_weight = torch.tensor(float(done_pos_weight), dtype=done_f.dtype, device=done_f.device)
     bce = F.binary_cross_entropy_with_logits(out.done_logit, done_f, pos_weight=pos_weight,
                                              reduction="none")
-    done_bce = _masked_mean(bce, mask)
+    done_bce = _masked_mean(bce, mask, weights)
     with torch.no_grad():
         done_acc = _masked_mean(((out.done_logit > 0) == (done_f > 0.5)).to(done_f.dtype), mask)
     loss = nll + reward_weight * reward_mse + done_weight * done_bce

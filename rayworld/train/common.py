@@ -24,6 +24,11 @@ class NonFiniteLoss(TrainError):
     pass
 
 
+class StoppedOnPurpose(TrainError):
+    """The workers stopped together with a message (a NaN loss, a damaged file): retrying
+    would fail the same way, so Ray Train does not retry."""
+
+
 def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
         callbacks: list | None = None):
     """Run `loop` in a TorchTrainer; re-running the same run_dir resumes from its checkpoint.
@@ -38,7 +43,7 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
     trainer = TorchTrainer(
-        loop,
+        _stop_on_bad_files(loop, name),
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), **(extra or {})},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -57,8 +62,42 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     if marker.exists():  # the workers stopped on purpose; retrying would not help
         msg = marker.read_text().strip()
         marker.unlink()
-        raise NonFiniteLoss(msg)
+        raise (NonFiniteLoss if " became " in msg else StoppedOnPurpose)(msg)
     return result
+
+
+def _stop_on_bad_files(loop, name: str):
+    """The train function, but a damaged file met outside the batch loop (validation, a
+    checkpoint) ends a one-worker run with the file's one-line message instead of a worker
+    traceback and retries. With several workers it raises: returning would leave the other
+    ranks waiting in an all-reduce."""
+
+    def run(config: dict):
+        import ray.train
+
+        from rayworld.data import ShardError
+        from rayworld.io import atomic_write_text
+
+        try:
+            return loop(config)
+        except (ShardError, CheckpointError) as e:
+            if ray.train.get_context().get_world_size() > 1:
+                raise
+            atomic_write_text(stop_marker(Path(config["run_dir"]), name), f"{name}: {e}")
+
+    return run
+
+
+def guard(batches):
+    """(batch, None) per batch; a damaged shard ends it with one (None, message). The loop
+    hands the message to stop_all_ranks, so every rank stops at the same step."""
+    from rayworld.data import ShardError
+
+    try:
+        for batch in batches:
+            yield batch, None
+    except ShardError as e:
+        yield None, str(e)
 
 
 def stop_marker(run_dir: Path, name: str) -> Path:

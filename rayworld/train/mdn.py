@@ -64,9 +64,13 @@ def _losses(model, batch, device, gen, m, state=None):
         state = tuple(s * keep for s in state)
     out, state = model(z_in, t["action"], state)
     out = type(out)(*(o.float() for o in out))  # the loss in float32 under AMP
+    weights = None
+    if m.ensemble > 1 and model.training:  # online bootstrap: Poisson(1) weights per member
+        weights = torch.poisson(torch.ones(m.ensemble, z_in.shape[0], 1), generator=gen)
+        weights = weights.to(device)
     losses = mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
                       reward_weight=m.reward_weight, done_weight=m.done_weight,
-                      done_pos_weight=m.done_pos_weight)
+                      done_pos_weight=m.done_pos_weight, weights=weights)
     return losses, tuple(s.detach() for s in state)
 
 
@@ -96,11 +100,17 @@ def train_loop(config: dict):
 
     torch.manual_seed(cfg.seed)
     model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
-                   mixtures=m.mixtures, action_n=action_n, dropout=m.dropout).to(device)
+                   mixtures=m.mixtures, action_n=action_n, dropout=m.dropout,
+                   ensemble=m.ensemble).to(device)
     state = common.load_state(ray.train.get_checkpoint())
     start_epoch, history, resumed = 0, {}, []
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:  # shapes differ: another hidden, mixtures or ensemble size
+            raise ValueError(f"mdn: the checkpoint under {run_dir / 'checkpoints' / 'mdn'} has "
+                             "another shape than mdn.hidden / mixtures / ensemble ask for: "
+                             "delete that folder or use a fresh --out") from None
         start_epoch, history = state["epoch"], state["history"]
         resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
@@ -122,7 +132,11 @@ def train_loop(config: dict):
         batches = _batches(series, mine, m, steps, cfg.data.shuffle_buffer,
                            seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
         stopped, lstm_state = False, None
-        for i, batch in enumerate(prefetch(batches)):
+        for i, (batch, bad) in enumerate(common.guard(prefetch(batches))):
+            # every rank asks before its forward pass, so none is left in a collective
+            if common.stop_all_ranks(bad and f"mdn: {bad}", run_dir, "mdn", device):
+                stopped = True
+                break
             with stepper.micro_batch():
                 losses, lstm_state = _losses(model, batch, device, gen, m, lstm_state)
                 msg = common.nonfinite(losses, "mdn", epoch, i, run_dir)
@@ -222,7 +236,8 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
     state = common.export_model(result, run_dir / "checkpoints" / "mdn.pt", {
         "latent": cfg.vae.latent, "action_dim": action_dim, "action_n": action_n,
         "hidden": cfg.mdn.hidden,
-        "mixtures": cfg.mdn.mixtures, "dropout": cfg.mdn.dropout, "vae": series.info.get("vae"),
+        "mixtures": cfg.mdn.mixtures, "dropout": cfg.mdn.dropout, "ensemble": cfg.mdn.ensemble,
+        "vae": series.info.get("vae"),
         "done_pos_weight": cfg.mdn.done_pos_weight})
     hist = state["history"]
     figures = {"mdn_epochs": state["epoch"], "mdn_nll": hist["val_nll"][-1],
