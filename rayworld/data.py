@@ -117,20 +117,28 @@ def _write_table(path: Path, table: pa.Table, compression: str) -> int:
     return Path(path).stat().st_size
 
 
+def _maker(path: Path) -> str:
+    """The stage that writes (and replaces damaged) shards here: encode for the latent
+    series in data/series/, collect for episodes."""
+    return "encode" if Path(path).parent.name == "series" else "collect"
+
+
+def damaged(path, err: Exception) -> ShardError:
+    """A page that fails its checksum, or a cut file: one line naming it and its stage."""
+    return ShardError(f"{path}: corrupt or truncated Parquet shard ({err}); "
+                      f"re-run `rayworld {_maker(path)}` to replace it")
+
+
 def open_shard(path) -> pq.ParquetFile:
     """Open a shard and check its schema version; errors name the file."""
     path = Path(path)
-    # latent series (data/series/) are made by encode, episodes by collect; both replace
-    # the shards they find damaged
-    stage = "encode" if path.parent.name == "series" else "collect"
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in the manifest is missing; "
-                         f"re-run `rayworld {stage}` to replace it") from None
+                         f"re-run `rayworld {_maker(path)}` to replace it") from None
     except (pa.ArrowException, OSError) as e:
-        raise ShardError(f"{path}: corrupt or truncated Parquet shard ({e}); "
-                         f"re-run `rayworld {stage}` to replace it") from None
+        raise damaged(path, e) from None
     meta = pf.schema_arrow.metadata or {}
     found = meta.get(VERSION_KEY, b"none").decode()
     if found != str(SCHEMA_VERSION):
@@ -302,8 +310,7 @@ def stream_frames(files: list[Path], obs_shape, batch_size: int, num_batches: in
                     if pool.emitted == num_batches:
                         return
             except (pa.ArrowException, OSError) as e:
-                raise ShardError(f"{files[i]}: corrupt or truncated Parquet shard ({e}); "
-                                 "re-run `rayworld collect` to replace it") from None
+                raise damaged(files[i], e) from None
         yield from pool.drain(num_batches)  # end of a pass: whole batches only
 
 
@@ -340,13 +347,16 @@ def iter_frames(files: list[Path], obs_shape, batch_size: int):
             for rb in pf.iter_batches(batch_size=batch_size, columns=["obs"]):
                 yield obs_array(rb.column(0), obs_shape)
         except (pa.ArrowException, OSError) as e:
-            raise ShardError(f"{f}: corrupt or truncated Parquet shard ({e}); "
-                             "re-run `rayworld collect` to replace it") from None
+            raise damaged(f, e) from None
 
 
 def read_series(path) -> dict:
     """One encoded episode as arrays: mu, logvar [T,Z], action [T,A], reward, done [T]."""
-    table = open_shard(path).read()
+    pf = open_shard(path)
+    try:
+        table = pf.read()
+    except (pa.ArrowException, OSError) as e:  # a page that fails its checksum
+        raise damaged(path, e) from None
     return {
         "mu": list_array(table.column("mu")), "logvar": list_array(table.column("logvar")),
         "action": list_array(table.column("action")),
@@ -357,7 +367,11 @@ def read_series(path) -> dict:
 
 def first_latents(path) -> tuple[np.ndarray, np.ndarray]:
     """mu and logvar of an encoded episode's first frame; reads one row group, not the file."""
-    table = open_shard(path).read_row_group(0, columns=["mu", "logvar"]).slice(0, 1)
+    pf = open_shard(path)
+    try:
+        table = pf.read_row_group(0, columns=["mu", "logvar"]).slice(0, 1)
+    except (pa.ArrowException, OSError) as e:
+        raise damaged(path, e) from None
     return list_array(table.column("mu"))[0], list_array(table.column("logvar"))[0]
 
 

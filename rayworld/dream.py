@@ -97,8 +97,9 @@ class BatchedDream:
     controllers.
     `dropout`: "off", "rollout" (one mask per rollout, kept for all its steps) or "step" (a
     new mask every step), at the rate the MDN-RNN trained with (mdn.dropout).
-    `ensemble` (an MDN-RNN with E > 1 head sets): row r follows member r mod E of its block;
-    "pessimistic" also scores every step with the lowest reward any member predicts.
+    `ensemble` (an MDN-RNN with E > 1 head sets): each rollout follows one member, drawn at
+    random when it starts (row r of every block alike); "pessimistic" also scores every step
+    with the lowest reward any member predicts.
     """
 
     def __init__(self, world: WorldModel, tau: float = 1.0, max_steps: int = 1000,
@@ -126,6 +127,15 @@ class BatchedDream:
         mask = self.world.mdn.dropout_mask(batch // shared, gen, self.world.device)
         return mask.repeat(shared, 1) if shared > 1 else mask
 
+    def new_members(self, batch: int, shared: int, gen):
+        """Each rollout's ensemble member, random and the same for row r of every block
+        (None for a single model: nothing drawn, so its dreams stay as they were)."""
+        e = self.world.mdn.ensemble
+        if e == 1:
+            return None
+        m = torch.randint(e, (batch // shared,), generator=gen, device=self.world.device)
+        return m.repeat(shared) if shared > 1 else m
+
     def _start(self, n: int, gen) -> torch.Tensor:
         w = self.world
         idx = torch.randint(len(w.z0_mu), (n,), generator=gen, device=w.device)
@@ -138,18 +148,20 @@ class BatchedDream:
         n = batch // shared
         z = self._start(n, generator)
         self.mask = self.new_mask(batch, shared, generator)
-        self.member = torch.arange(n, device=w.device).remainder(w.mdn.ensemble).repeat(shared)
+        self.member = self.new_members(batch, shared, generator)
         return (z.repeat(shared, 1) if shared > 1 else z), w.mdn.initial_state(batch)
 
     @torch.no_grad()
     def restart(self, z, state, rows: torch.Tensor, generator: torch.Generator):
         """New dreams in `rows` (in place): fresh first latents, a zero LSTM state and, for
-        rollout dropout, new masks. Their ensemble members stay."""
+        rollout dropout and ensembles, new masks and members."""
         z[rows] = self._start(len(rows), generator)
         for s in state:
             s[:, rows] = 0.0
         if self.mask is not None and self.dropout == "rollout":
             self.mask[rows] = self.new_mask(len(rows), 1, generator)
+        if self.member is not None:
+            self.member[rows] = self.new_members(len(rows), 1, generator)
 
     def action_input(self, action: torch.Tensor) -> torch.Tensor:
         """Actions as the shards hold them: a vector, or [index] (the MDN-RNN one-hots it)."""
@@ -163,8 +175,8 @@ class BatchedDream:
         out, state = self.world.mdn.step(z, self.action_input(action), state, mask)
         reward = None
         if self.world.mdn.ensemble > 1:
-            if self.member is None or len(self.member) != len(z):
-                self.member = torch.arange(len(z), device=z.device) % self.world.mdn.ensemble
+            if self.member is None or len(self.member) != len(z):  # stepped without reset
+                self.member = self.new_members(len(z), shared, generator)
             if self.ensemble == "pessimistic":
                 reward = out.reward.min(0).values
             out = select_member(out, self.member)

@@ -201,7 +201,7 @@ def test_ensemble_loss_is_the_members_mean_and_bootstrap_weights_count():
     each = [mdn_loss(select_member(out, k), z_next, reward, done, mask=mask) for k in range(3)]
     for key in ("nll", "reward_mse", "done_bce"):
         assert torch.allclose(ones[key], torch.stack([e[key] for e in each]).mean(), atol=1e-5)
-    # member 1 ignoring every row but row 0 is member 0's loss on row 0 alone
+    # member 1 weighing row 0 alone (the others weigh nothing): member 1's loss on row 0
     w = torch.zeros(3, 5, 1)
     w[1, 0] = 1.0
     only = mdn_loss(out, z_next, reward, done, mask=mask, weights=w)
@@ -226,29 +226,37 @@ def test_dream_ensemble_member_per_rollout_and_pessimistic_reward(tiny_run):
         return torch.zeros(len(z), world.action_dim)
 
     steps = 10
-    member = BatchedDream(world, 1.0, steps, ensemble="member").rollout(policy, 12, 0, shared=2)
-    per_block = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]) * steps
-    assert torch.allclose(member, per_block.repeat(2), atol=1e-3)  # both blocks alike (CRN)
-    pess = BatchedDream(world, 1.0, steps, ensemble="pessimistic").rollout(policy, 12, 0, shared=2)
-    assert torch.allclose(pess, torch.full((12,), float(steps)), atol=1e-3)
+    # 2 blocks (candidates) of 4 rollouts: 4 is no multiple of 3 members
+    dream = BatchedDream(world, 1.0, steps, ensemble="member")
+    member = dream.rollout(policy, 8, 0, shared=2)
+    drawn = dream.member[:4]
+    assert torch.equal(dream.member[4:], drawn)  # row r of every block: the same member
+    assert len(drawn.unique()) > 1
+    assert torch.allclose(member, ((drawn + 1.0) * steps).repeat(2), atol=1e-3)
+    pess = BatchedDream(world, 1.0, steps, ensemble="pessimistic").rollout(policy, 8, 0, shared=2)
+    assert torch.allclose(pess, torch.full((8,), float(steps)), atol=1e-3)
     with pytest.raises(ValueError, match="ensemble"):
         BatchedDream(world, ensemble="optimistic")
 
 
-def test_dream_vector_env_restart_keeps_members_and_renews_finished_rows(tiny_run):
+def test_dream_vector_env_restart_renews_only_finished_rows(tiny_run):
     from rayworld.dream import BatchedDream, WorldModel
 
-    world = _ensemble(WorldModel.load(tiny_run), 2)
+    world = _ensemble(WorldModel.load(tiny_run), 5)
     dream = BatchedDream(world, 1.0, 10)
     gen = torch.Generator().manual_seed(0)
-    z, state = dream.reset(4, gen)
+    z, state = dream.reset(64, gen)
     members = dream.member.clone()
-    z, state, *_ = dream.step(z, state, torch.zeros(4, world.action_dim), gen)
+    z, state, *_ = dream.step(z, state, torch.zeros(64, world.action_dim), gen)
     before = z.clone()
-    dream.restart(z, state, torch.tensor([1]), gen)
-    assert torch.equal(dream.member, members) and members.tolist() == [0, 1, 0, 1]
-    assert torch.equal(z[[0, 2, 3]], before[[0, 2, 3]]) and not torch.equal(z[1], before[1])
-    assert float(state[0][:, 1].abs().sum()) == 0.0 and float(state[0][:, 0].abs().sum()) > 0
+    rows = torch.arange(0, 64, 2)
+    dream.restart(z, state, rows, gen)
+    kept = torch.arange(1, 64, 2)
+    assert torch.equal(dream.member[kept], members[kept])
+    assert not torch.equal(dream.member[rows], members[rows])  # 32 redraws from 5 members
+    assert torch.equal(z[kept], before[kept]) and not torch.equal(z[rows], before[rows])
+    assert float(state[0][:, rows].abs().sum()) == 0.0
+    assert float(state[0][:, kept].abs().sum()) > 0
 
 
 def test_ensemble_trains_and_evolves_from_the_cli(tiny_run, tmp_path):
@@ -268,7 +276,8 @@ def test_ensemble_trains_and_evolves_from_the_cli(tiny_run, tmp_path):
     assert report["generations"] == 2 and np.isfinite(report["dream_return_final"])
 
 
-def test_damaged_shard_met_in_training_is_one_line(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_damaged_shard_met_in_training_is_one_line(tiny_run, tmp_path, capsys, damage):
     """The worker stops with the file's message instead of raising (which Ray Train would
     print and retry), and the user reads one line naming the file and the stage that
     remakes it."""
@@ -276,7 +285,12 @@ def test_damaged_shard_met_in_training_is_one_line(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "checkpoints" / "mdn")
     shard = sorted((run / "data" / "series").glob("*.parquet"))[0]
-    shard.write_bytes(shard.read_bytes()[:300])
+    data = bytearray(shard.read_bytes())
+    if damage == "cut":  # the footer is gone: fails at open
+        data = data[:300]
+    else:  # one byte of a data page: fails its checksum when read
+        data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
     assert main(["train-mdn", "--out", str(run), "--set", "mdn.epochs=1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

@@ -96,12 +96,12 @@ class MDNRNN(nn.Module):
 
 
 def select_member(out: MDNOut, member) -> MDNOut:
-    """One member's view of an ensemble's output: `member` an int (every row) or a LongTensor
-    [B] (row b reads member[b]). Outputs of a single model pass through."""
+    """One member's view of an ensemble's output: `member` an integer (every row) or a
+    LongTensor [B] (row b reads member[b]). Outputs of a single model pass through."""
     if out.reward.dim() < out.h.dim():  # a single model: no member dim
         return out
-    if isinstance(member, int):
-        return MDNOut(*(t[member] for t in out[:-1]), out.h)
+    if not isinstance(member, torch.Tensor) or member.dim() == 0:
+        return MDNOut(*(t[int(member)] for t in out[:-1]), out.h)
     rows = torch.arange(len(member), device=out.h.device)
     return MDNOut(*(t[member, rows] for t in out[:-1]), out.h)
 

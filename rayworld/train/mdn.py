@@ -108,9 +108,10 @@ def train_loop(config: dict):
         try:
             model.load_state_dict(state["model"])
         except RuntimeError:  # shapes differ: another hidden, mixtures or ensemble size
-            raise ValueError(f"mdn: the checkpoint under {run_dir / 'checkpoints' / 'mdn'} has "
-                             "another shape than mdn.hidden / mixtures / ensemble ask for: "
-                             "delete that folder or use a fresh --out") from None
+            raise common.CheckpointError(
+                f"the checkpoint under {run_dir / 'checkpoints' / 'mdn'} has another shape than "
+                "mdn.hidden / mixtures / ensemble ask for: delete that folder or use a fresh "
+                "--out") from None
         start_epoch, history = state["epoch"], state["history"]
         resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
