@@ -7,7 +7,7 @@
   gas and brake leave a car standing (brake outweighs gas), so its data never shows speed.
 - `track`: for car envs with a grey road (CarRacing, SimpleDriving): a scripted driver that
   steers towards the road it sees ahead in the frame, with per-episode skill and speed, noise on
-  the wheel, brake holds and lapses where it lets go and leaves the road. Like Dropout's Dream
+  the wheel, brake holds, bursts of heavy gas, and lapses where it lets go and leaves the road. Like Dropout's Dream
   Land's expert data, it shows the model the track being driven; the controller still learns
   only in the dream.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
@@ -113,16 +113,17 @@ def road_mask(frame: np.ndarray) -> np.ndarray:
 class TrackPolicy:
     """A road follower on 64x64 frames with the car at the centre column (see the module
     docstring). Each episode draws its own gains, look-ahead, speed and noise level, so the
-    data holds good driving, sloppy driving, spins and recoveries."""
+    data holds good driving, sloppy driving, bursts of full gas, spins and recoveries."""
 
     CAR_COL = 31.5
 
     def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
-                 lapse_rate: float = 0.002, brake_rate: float = 0.005):
+                 lapse_rate: float = 0.002, brake_rate: float = 0.005, burst_rate: float = 0.005):
         if not is_car(space):
             raise ValueError(f"collect.policy track needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
         self.rng, self.lapse_rate, self.brake_rate = rng, lapse_rate, brake_rate
+        self.burst_rate, self.burst, self.burst_gas = burst_rate, 0, 0.0
         self.kp = rng.uniform(1.5, 3.0)
         top = int(rng.integers(24, 35))
         self.rows = slice(top, top + 16)
@@ -152,6 +153,13 @@ class TrackPolicy:
         brake = self.brake if self.hold else 0.0
         steer = float(np.clip(steer + self.wobble, -1, 1))
         gas = self.gas if abs(steer) < 0.5 else 0.0  # ease off through sharp bends
+        # bursts of heavy gas: without them the data never shows what speed does in a bend,
+        # and a dream controller floors it where the model can only guess
+        if self.burst == 0 and r.random() < self.burst_rate:
+            self.burst, self.burst_gas = int(r.integers(20, 81)), float(r.uniform(0.3, 1.0))
+        if self.burst:
+            self.burst -= 1
+            gas = self.burst_gas
         return np.array([steer, gas, brake], np.float32)
 
 
