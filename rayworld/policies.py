@@ -113,12 +113,15 @@ def road_mask(frame: np.ndarray) -> np.ndarray:
 class TrackPolicy:
     """A road follower on 64x64 frames with the car at the centre column (see the module
     docstring). Each episode draws its own gains, look-ahead, speed and noise level, so the
-    data holds good driving, sloppy driving, bursts of full gas, spins and recoveries."""
+    data holds good driving, sloppy driving, bursts of full gas, spins and recoveries. A
+    quarter of the episodes hold heavy gas throughout: a dream controller that floors it
+    must meet, in the model, the bend where that ends."""
 
     CAR_COL = 31.5
 
     def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
-                 lapse_rate: float = 0.002, brake_rate: float = 0.005, burst_rate: float = 0.005):
+                 lapse_rate: float = 0.002, brake_rate: float = 0.005, burst_rate: float = 0.005,
+                 reckless: float = 0.25):
         if not is_car(space):
             raise ValueError(f"collect.policy track needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
@@ -128,6 +131,8 @@ class TrackPolicy:
         top = int(rng.integers(24, 35))
         self.rows = slice(top, top + 16)
         self.gas_mean = float(np.clip(gas * rng.uniform(0.5, 1.5), 0, 1))
+        if rng.random() < reckless:  # held heavy gas: the data shows a car too fast to steer
+            self.gas_mean = float(rng.uniform(0.4, 1.0))
         self.sigma = sigma * rng.uniform(0, 1)
         self.err = self.wobble = 0.0
         self.gas = self.gas_mean
