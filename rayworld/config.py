@@ -102,6 +102,9 @@ class MDNConfig:
     # E > 1: E sets of heads (next z, reward, done) on one shared LSTM, each trained on its own
     # bootstrap of the batches; the dream uses them as evolve.ensemble says
     ensemble: int = 1
+    # h: the reward head reads the LSTM state; latents: a small MLP reads (z_t, z_{t+1}), so
+    # the dream pays only for what its frames show
+    reward_from: Literal["h", "latents"] = "h"
     reward_weight: float = 1.0
     done_weight: float = 1.0
     done_pos_weight: float = 10.0  # episode ends are rare: weigh them up

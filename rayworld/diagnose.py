@@ -78,9 +78,14 @@ def diagnose(cfg: Config, run_dir: Path, episodes: int = 32, log=print) -> dict:
     for t in range(t_max):
         out, state = world.mdn.step(z, torch.from_numpy(action[:, t]), state)
         out = select_member(out, 0)  # an ensemble's first member
-        pred_reward[:, t] = out.reward.numpy()
         pred_done[:, t] = (world.done_prob(out.done_logit) > 0.5).numpy()
-        z = sample_next(out, tau=0)
+        z_next = sample_next(out, tau=0)
+        r = out.reward
+        if world.mdn.reward_from == "latents":
+            r = world.mdn.latent_reward(z, z_next)
+            r = r[0] if world.mdn.ensemble > 1 else r
+        pred_reward[:, t] = r.numpy()
+        z = z_next
         if t + 1 in HORIZONS:
             pred_z[t + 1] = z
 

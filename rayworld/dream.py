@@ -67,7 +67,8 @@ class WorldModel:
         mdn = MDNRNN(latent=state["latent"], action_dim=state["action_dim"],
                      hidden=state["hidden"], mixtures=state["mixtures"],
                      action_n=state.get("action_n", 0), dropout=state.get("dropout", 0.0),
-                     ensemble=state.get("ensemble", 1))
+                     ensemble=state.get("ensemble", 1),
+                     reward_from=state.get("reward_from", "h"))
         mdn.load_state_dict(state["model"])
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
@@ -172,19 +173,22 @@ class BatchedDream:
         if self.dropout == "step" or (self.dropout == "rollout" and self.mask is None):
             self.mask = self.new_mask(len(z), shared, generator)
         mask = self.mask if self.dropout != "off" else None
-        out, state = self.world.mdn.step(z, self.action_input(action), state, mask)
-        reward = None
-        if self.world.mdn.ensemble > 1:
+        mdn = self.world.mdn
+        every, state = mdn.step(z, self.action_input(action), state, mask)
+        out = every
+        if mdn.ensemble > 1:
             if self.member is None or len(self.member) != len(z):  # stepped without reset
                 self.member = self.new_members(len(z), shared, generator)
-            if self.ensemble == "pessimistic":
-                reward = out.reward.min(0).values
-            out = select_member(out, self.member)
+            out = select_member(every, self.member)
         noise = (self._draw(torch.rand, len(z), z.shape[1], shared, generator),
                  self._draw(torch.randn, len(z), z.shape[1], shared, generator))
         z_next = sample_next(out, self.tau, noise=noise)
+        reward = every.reward if mdn.reward_from == "h" else mdn.latent_reward(z, z_next)
+        if mdn.ensemble > 1:  # [E, B]: the lowest, or the row's own member's
+            reward = reward.min(0).values if self.ensemble == "pessimistic" else \
+                reward[self.member, torch.arange(len(z), device=z.device)]
         self.done_p = self.world.done_prob(out.done_logit)
-        return z_next, state, out.reward if reward is None else reward, self.done_p > 0.5
+        return z_next, state, reward, self.done_p > 0.5
 
     @torch.no_grad()
     def rollout(self, policy, batch: int, seed: int, shared: int = 1,

@@ -175,12 +175,13 @@ def test_survival_weights_each_reward_by_the_chance_the_episode_still_runs(tiny_
     assert torch.allclose(threshold, torch.full((3,), r * steps), atol=1e-4)
 
 
-def _ensemble(world, members: int):
+def _ensemble(world, members: int, reward_from: str = "h"):
     """The tiny run's MDN-RNN with `members` head sets on its trained LSTM."""
     from rayworld.models.mdn import MDNRNN
 
     m = world.mdn
-    ens = MDNRNN(m.latent, m.action_dim, m.hidden, m.mixtures, ensemble=members)
+    ens = MDNRNN(m.latent, m.action_dim, m.hidden, m.mixtures, ensemble=members,
+                 reward_from=reward_from)
     ens.lstm.load_state_dict(m.lstm.state_dict())
     world.mdn = ens.eval()
     return world
@@ -210,15 +211,18 @@ def test_ensemble_loss_is_the_members_mean_and_bootstrap_weights_count():
     assert torch.allclose(only["nll"], row0["nll"], atol=1e-5)
 
 
-def test_dream_ensemble_member_per_rollout_and_pessimistic_reward(tiny_run):
+@pytest.mark.parametrize("reward_from", ["h", "latents"])
+def test_dream_ensemble_member_per_rollout_and_pessimistic_reward(tiny_run, reward_from):
     """Member k predicts reward k + 1 and never ends: each rollout earns its own member's
-    reward, and pessimism earns the lowest member's everywhere."""
+    reward, and pessimism earns the lowest member's everywhere (read from h, or from the
+    step z_t -> z_t+1 the dream takes)."""
     from rayworld.dream import BatchedDream, WorldModel
 
-    world = _ensemble(WorldModel.load(tiny_run), 3)
+    world = _ensemble(WorldModel.load(tiny_run), 3, reward_from)
+    last = world.mdn.reward_head if reward_from == "h" else world.mdn.reward_head[-1]
     with torch.no_grad():
-        world.mdn.reward_head.weight.zero_()
-        world.mdn.reward_head.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
         world.mdn.done_head.weight.zero_()
         world.mdn.done_head.bias.fill_(-20.0)
 
@@ -259,16 +263,19 @@ def test_dream_vector_env_restart_renews_only_finished_rows(tiny_run):
     assert float(state[0][:, kept].abs().sum()) > 0
 
 
-def test_ensemble_trains_and_evolves_from_the_cli(tiny_run, tmp_path):
+def test_ensemble_with_latent_reward_trains_and_evolves_from_the_cli(tiny_run, tmp_path):
     import json
 
     run = tmp_path / "ens"
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "checkpoints" / "mdn")  # a fresh MDN-RNN, not a resumed one
     assert main(["train-mdn", "--out", str(run), "--set", "mdn.ensemble=3", "--set",
-                 "mdn.epochs=1"]) == 0
+                 "mdn.epochs=1", "--set", "mdn.reward_from=latents"]) == 0
     state = torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)
-    assert state["ensemble"] == 3 and state["model"]["reward_head.weight"].shape[0] == 3
+    assert state["ensemble"] == 3 and state["reward_from"] == "latents"
+    assert state["model"]["reward_head.2.weight"].shape[0] == 3  # the MLP's last layer
+    report = json.loads((run / "report.json").read_text())
+    assert np.isfinite(report["predict_reward_corr"])  # diagnose read the latent reward
     (run / "checkpoints" / "evolve_state.pkl").unlink()
     assert main(["evolve", "--out", str(run), "--set", "evolve.ensemble=pessimistic", "--set",
                  "evolve.generations=2", "--set", "evolve.real_every=2"]) == 0

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 LOG_SIGMA_MIN = -7.0
 LOG_SIGMA_MAX = 3.0
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+REWARD_FROM = ("h", "latents")
 
 
 class MDNOut(NamedTuple):
@@ -25,7 +26,8 @@ class MDNOut(NamedTuple):
 
 class MDNRNN(nn.Module):
     def __init__(self, latent: int = 32, action_dim: int = 3, hidden: int = 256, mixtures: int = 5,
-                 action_n: int = 0, dropout: float = 0.0, ensemble: int = 1):
+                 action_n: int = 0, dropout: float = 0.0, ensemble: int = 1,
+                 reward_from: str = "h"):
         """action_n > 0: discrete actions, given as an index [..., 1], enter the LSTM one-hot.
 
         An index fed as a number would tell the LSTM that action 3 lies between 2 and 4.
@@ -35,6 +37,11 @@ class MDNRNN(nn.Module):
         one state space, so a controller on [z, h] reads every member the same way; the
         members disagree where the data is thin. With E > 1 every MDNOut field but h gets a
         leading member dim [E, ...]; `select_member` picks one member per row.
+        reward_from: "h", a linear head on the LSTM state; or "latents", a small MLP on
+        (z_t, z_{t+1}): the reward then follows what the frames show (the car moving along
+        the road), so a dream whose h drifts off the data cannot pay for what it does not
+        show. forward() needs z_next for it; a dream step calls `latent_reward` after
+        sampling z_{t+1}.
         """
         super().__init__()
         if action_n and action_dim != 1:
@@ -47,7 +54,14 @@ class MDNRNN(nn.Module):
         self.ensemble = int(ensemble)
         self.lstm = nn.LSTM(latent + (action_n or action_dim), hidden, batch_first=True)
         self.mdn_head = nn.Linear(hidden, ensemble * 3 * latent * mixtures)
-        self.reward_head = nn.Linear(hidden, ensemble)
+        if reward_from not in REWARD_FROM:
+            raise ValueError(f"MDNRNN: reward_from {reward_from!r}, expected one of {REWARD_FROM}")
+        self.reward_from = reward_from
+        if reward_from == "h":
+            self.reward_head = nn.Linear(hidden, ensemble)
+        else:
+            self.reward_head = nn.Sequential(nn.Linear(2 * latent, hidden), nn.ELU(),
+                                             nn.Linear(hidden, ensemble))
         self.done_head = nn.Linear(hidden, ensemble)
 
     def initial_state(self, batch: int, device=None):
@@ -55,14 +69,22 @@ class MDNRNN(nn.Module):
         zeros = torch.zeros(1, batch, self.hidden, device=device)
         return zeros, zeros.clone()
 
-    def _heads(self, h: torch.Tensor) -> MDNOut:
+    def _members_first(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., E] -> [...] for one model, [E, ...] for an ensemble."""
+        return t.squeeze(-1) if self.ensemble == 1 else t.movedim(-1, 0)
+
+    def latent_reward(self, z: torch.Tensor, z_next: torch.Tensor) -> torch.Tensor:
+        """reward_from "latents": the reward of the step z -> z_next ([...] or [E, ...])."""
+        return self._members_first(self.reward_head(torch.cat([z, z_next], dim=-1)))
+
+    def _heads(self, h: torch.Tensor, reward=None) -> MDNOut:
         lead, e = h.shape[:-1], self.ensemble
         p = self.mdn_head(h).view(*lead, e, self.latent, 3, self.mixtures)
-        reward, done = self.reward_head(h), self.done_head(h)  # [..., E]
-        if e == 1:
-            p, reward, done = p.squeeze(-4), reward.squeeze(-1), done.squeeze(-1)
-        else:  # members first
-            p, reward, done = p.movedim(-4, 0), reward.movedim(-1, 0), done.movedim(-1, 0)
+        p = p.squeeze(-4) if e == 1 else p.movedim(-4, 0)
+        if reward is None:  # "latents" without z_next: no reward yet
+            raw = self.reward_head(h) if self.reward_from == "h" else h.new_zeros(*lead, e)
+            reward = self._members_first(raw)
+        done = self._members_first(self.done_head(h))
         return MDNOut(logit_pi=p[..., 0, :], mu=p[..., 1, :], log_sigma=p[..., 2, :],
                       reward=reward, done_logit=done, h=h)
 
@@ -71,16 +93,20 @@ class MDNRNN(nn.Module):
             return F.one_hot(a.squeeze(-1).long(), self.action_n)
         return a
 
-    def forward(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
+    def forward(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None, z_next=None):
         """h_mask [B, H]: a dropout mask (already scaled) for the heads' input, else the
-        module's own dropout while training."""
+        module's own dropout while training. z_next: the next latents, for reward_from
+        "latents" (teacher forcing)."""
         h, state = self.lstm(torch.cat([z, self.action_input(a).to(z.dtype)], dim=-1), state)
+        reward = None
+        if self.reward_from == "latents" and z_next is not None:
+            reward = self.latent_reward(z, z_next)
         if h_mask is not None:
-            out = self._heads(h * h_mask.unsqueeze(1).to(h.dtype))
+            out = self._heads(h * h_mask.unsqueeze(1).to(h.dtype), reward)
             return out._replace(h=h), state
         if self.training and self.dropout > 0:
-            return self._heads(F.dropout(h, self.dropout)), state
-        return self._heads(h), state
+            return self._heads(F.dropout(h, self.dropout), reward), state
+        return self._heads(h, reward), state
 
     def step(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
         """One step for B parallel dreams; same LSTM call as forward with T=1."""
@@ -135,16 +161,18 @@ def mdn_nll(out: MDNOut, z_next: torch.Tensor, mask=None, weights=None) -> torch
 
 def mdn_loss(out: MDNOut, z_next, reward, done, mask=None, z_mask=None,
              reward_weight: float = 1.0, done_weight: float = 1.0,
-             done_pos_weight: float = 1.0, weights=None) -> dict:
+             done_pos_weight: float = 1.0, weights=None, reward_mask=None) -> dict:
     """z_mask (default: mask) excludes steps without a next frame from the NLL only.
 
     An ensemble's output ([E, ...] fields) gives the members' mean loss; `weights` [E, B, 1]
     weighs each member's rows (the online bootstrap that makes members differ).
+    reward_mask (default: mask): a reward read from (z_t, z_{t+1}) has none without z_{t+1}.
     """
     if z_mask is None:
         z_mask = mask
     nll = mdn_nll(out, z_next, z_mask, weights)
-    reward_mse = _masked_mean((out.reward - reward.to(out.reward.dtype)).pow(2), mask, weights)
+    reward_mse = _masked_mean((out.reward - reward.to(out.reward.dtype)).pow(2),
+                              mask if reward_mask is None else reward_mask, weights)
     done_f = done.to(out.done_logit.dtype).expand_as(out.done_logit)
     pos_weight = torch.tensor(float(done_pos_weight), dtype=done_f.dtype, device=done_f.device)
     bce = F.binary_cross_entropy_with_logits(out.done_logit, done_f, pos_weight=pos_weight,

@@ -62,7 +62,7 @@ def _losses(model, batch, device, gen, m, state=None):
     if state is not None and "reset" in t:
         keep = (1.0 - t["reset"]).view(1, -1, 1)
         state = tuple(s * keep for s in state)
-    out, state = model(z_in, t["action"], state)
+    out, state = model(z_in, t["action"], state, z_next=z_next)
     out = type(out)(*(o.float() for o in out))  # the loss in float32 under AMP
     weights = None
     if m.ensemble > 1 and model.training:  # online bootstrap: Poisson(1) weights per member
@@ -70,7 +70,8 @@ def _losses(model, batch, device, gen, m, state=None):
         weights = weights.to(device)
     losses = mdn_loss(out, z_next, t["reward"], t["done"], mask=t["mask"], z_mask=t["z_mask"],
                       reward_weight=m.reward_weight, done_weight=m.done_weight,
-                      done_pos_weight=m.done_pos_weight, weights=weights)
+                      done_pos_weight=m.done_pos_weight, weights=weights,
+                      reward_mask=t["z_mask"] if m.reward_from == "latents" else None)
     return losses, tuple(s.detach() for s in state)
 
 
@@ -101,7 +102,7 @@ def train_loop(config: dict):
     torch.manual_seed(cfg.seed)
     model = MDNRNN(latent=cfg.vae.latent, action_dim=action_dim, hidden=m.hidden,
                    mixtures=m.mixtures, action_n=action_n, dropout=m.dropout,
-                   ensemble=m.ensemble).to(device)
+                   ensemble=m.ensemble, reward_from=m.reward_from).to(device)
     state = common.load_state(ray.train.get_checkpoint())
     start_epoch, history, resumed = 0, {}, []
     if state is not None:
@@ -238,6 +239,7 @@ def train_mdn(cfg: Config, run_dir: Path, log=print, callbacks: list | None = No
         "latent": cfg.vae.latent, "action_dim": action_dim, "action_n": action_n,
         "hidden": cfg.mdn.hidden,
         "mixtures": cfg.mdn.mixtures, "dropout": cfg.mdn.dropout, "ensemble": cfg.mdn.ensemble,
+        "reward_from": cfg.mdn.reward_from,
         "vae": series.info.get("vae"),
         "done_pos_weight": cfg.mdn.done_pos_weight})
     hist = state["history"]
