@@ -6,10 +6,10 @@
   ahead, gas as a walk biased towards `collect.gas`, short brake taps now and then. Uniform
   gas and brake leave a car standing (brake outweighs gas), so its data never shows speed.
 - `track`: for car envs with a grey road (CarRacing, SimpleDriving): a scripted driver that
-  steers towards the road it sees ahead in the frame, with per-episode skill and speed, noise on
-  the wheel, brake holds, bursts of heavy gas, and lapses where it lets go and leaves the road. Like Dropout's Dream
-  Land's expert data, it shows the model the track being driven; the controller still learns
-  only in the dream.
+  steers towards the road it sees ahead in the frame, with per-episode skill and speed, noise
+  on the wheel, brake holds, bursts of heavy gas, and lapses where it lets go and leaves the
+  road. Like Dropout's Dream Land's expert data, it shows the model the track being driven;
+  the controller still learns only in the dream.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
   episode, acting through the run's VAE and MDN-RNN.
 - `controller`: the evolved controller, plus Gaussian exploration noise (`collect.noise`).
