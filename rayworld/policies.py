@@ -72,6 +72,21 @@ def is_car(space) -> bool:
             np.allclose(space.low, [-1, 0, 0]) and np.allclose(space.high, [1, 1, 1]))
 
 
+class BrakeHolds:
+    """Now and then (p = rate per step) the brake is held for 5 to `longest` steps at a random
+    strength in [0.2, 1]; the brake value for this step."""
+
+    def __init__(self, rate: float, longest: int):
+        self.rate, self.longest = rate, longest
+        self.brake, self.hold = 0.0, 0
+
+    def __call__(self, r: np.random.Generator) -> float:
+        if self.hold == 0 and r.random() < self.rate:
+            self.brake, self.hold = float(r.uniform(0.2, 1.0)), int(r.integers(5, self.longest + 1))
+        self.hold = max(self.hold - 1, 0)
+        return self.brake if self.hold else 0.0
+
+
 class DrivePolicy:
     """Gas-biased driving noise for car envs (see the module docstring).
 
@@ -84,10 +99,10 @@ class DrivePolicy:
         if not is_car(space):
             raise ValueError(f"collect.policy drive needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
-        self.rng, self.gas_mean, self.brake_rate = rng, gas, brake_rate
+        self.rng, self.gas_mean = rng, gas
         self.step_std = sigma * np.sqrt(dt)
         self.steer, self.gas = 0.0, float(rng.uniform(gas / 2, 1.0))
-        self.brake, self.hold = 0.0, 0
+        self.brakes = BrakeHolds(brake_rate, longest=40)
 
     def __call__(self, obs):
         r = self.rng
@@ -96,11 +111,7 @@ class DrivePolicy:
                                    -1, 1))
         self.gas = float(np.clip(self.gas + 0.05 * (self.gas_mean - self.gas) +
                                  self.step_std * r.standard_normal(), 0, 1))
-        if self.hold == 0 and r.random() < self.brake_rate:
-            self.brake, self.hold = float(r.uniform(0.2, 1.0)), int(r.integers(5, 41))
-        self.hold = max(self.hold - 1, 0)
-        brake = self.brake if self.hold else 0.0
-        return np.array([self.steer, self.gas, brake], np.float32)
+        return np.array([self.steer, self.gas, self.brakes(r)], np.float32)
 
 
 def road_mask(frame: np.ndarray) -> np.ndarray:
@@ -125,7 +136,8 @@ class TrackPolicy:
         if not is_car(space):
             raise ValueError(f"collect.policy track needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
-        self.rng, self.lapse_rate, self.brake_rate = rng, lapse_rate, brake_rate
+        self.rng, self.lapse_rate = rng, lapse_rate
+        self.brakes = BrakeHolds(brake_rate, longest=30)
         self.burst_rate, self.burst, self.burst_gas = burst_rate, 0, 0.0
         self.kp = rng.uniform(1.5, 3.0)
         top = int(rng.integers(24, 35))
@@ -136,7 +148,7 @@ class TrackPolicy:
         self.sigma = sigma * rng.uniform(0, 1)
         self.err = self.wobble = 0.0
         self.gas = self.gas_mean
-        self.brake, self.hold, self.lapse, self.lapse_steer = 0.0, 0, 0, 0.0
+        self.lapse, self.lapse_steer = 0, 0.0
 
     def __call__(self, obs):
         r = self.rng
@@ -152,10 +164,7 @@ class TrackPolicy:
             steer = self.lapse_steer
         self.gas = float(np.clip(self.gas + 0.05 * (self.gas_mean - self.gas) +
                                  0.02 * r.standard_normal(), 0, 1))
-        if self.hold == 0 and r.random() < self.brake_rate:
-            self.brake, self.hold = float(r.uniform(0.2, 1.0)), int(r.integers(5, 31))
-        self.hold = max(self.hold - 1, 0)
-        brake = self.brake if self.hold else 0.0
+        brake = self.brakes(r)
         steer = float(np.clip(steer + self.wobble, -1, 1))
         gas = self.gas if abs(steer) < 0.5 else 0.0  # ease off through sharp bends
         # bursts of heavy gas: without them the data never shows what speed does in a bend,
