@@ -20,10 +20,6 @@ class TrainError(RuntimeError):
     """Training stopped; the message says why and what was kept."""
 
 
-class NonFiniteLoss(TrainError):
-    pass
-
-
 class StoppedOnPurpose(TrainError):
     """The workers stopped together with a message (a NaN loss, a damaged file): retrying
     would fail the same way, so Ray Train does not retry."""
@@ -62,7 +58,7 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     if marker.exists():  # the workers stopped on purpose; retrying would not help
         msg = marker.read_text().strip()
         marker.unlink()
-        raise (NonFiniteLoss if " became " in msg else StoppedOnPurpose)(msg)
+        raise StoppedOnPurpose(msg)
     return result
 
 
@@ -88,7 +84,7 @@ def _stop_on_bad_files(loop, name: str):
     return run
 
 
-def guard(batches):
+def guard(batches, name: str):
     """(batch, None) per batch; a damaged shard ends it with one (None, message). The loop
     hands the message to stop_all_ranks, so every rank stops at the same step."""
     from rayworld.data import ShardError
@@ -97,7 +93,7 @@ def guard(batches):
         for batch in batches:
             yield batch, None
     except ShardError as e:
-        yield None, str(e)
+        yield None, f"{name}: {e}"
 
 
 def stop_marker(run_dir: Path, name: str) -> Path:

@@ -134,9 +134,9 @@ def train_loop(config: dict):
         batches = _batches(series, mine, m, steps, cfg.data.shuffle_buffer,
                            seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
         stopped, lstm_state = False, None
-        for i, (batch, bad) in enumerate(common.guard(prefetch(batches))):
+        for i, (batch, bad) in enumerate(common.guard(prefetch(batches), "mdn")):
             # every rank asks before its forward pass, so none is left in a collective
-            if common.stop_all_ranks(bad and f"mdn: {bad}", run_dir, "mdn", device):
+            if common.stop_all_ranks(bad, run_dir, "mdn", device):
                 stopped = True
                 break
             with stepper.micro_batch():

@@ -120,9 +120,9 @@ def train_loop(config: dict):
         batches = stream_frames(my_train, obs_shape, v.batch_size, steps, cfg.data.shuffle_buffer,
                                 seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
         stopped = False
-        for i, (batch, bad) in enumerate(common.guard(prefetch(batches))):
+        for i, (batch, bad) in enumerate(common.guard(prefetch(batches), "vae")):
             # every rank asks before its forward pass, so none is left in a collective
-            if common.stop_all_ranks(bad and f"vae: {bad}", run_dir, "vae", device):
+            if common.stop_all_ranks(bad, run_dir, "vae", device):
                 stopped = True
                 break
             x = _to_x(batch, device)
