@@ -175,7 +175,9 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
                 bar.update(1)
     finally:
         for ref in pending:  # empty unless gather leaves early
-            ray.cancel(ref)
+            # force: a plain cancel is a KeyboardInterrupt, which a reused worker whose SIGINT
+            # handler a library replaced never raises; shards are written atomically anyway
+            ray.cancel(ref, force=True)
         if shards:
             shards.close()
         else:
