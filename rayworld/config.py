@@ -150,6 +150,11 @@ class EvolveConfig:
     # with mdn.ensemble > 1. member: each rollout follows one member (next z, reward, done);
     # pessimistic: the same, but each step's reward is the lowest the members predict
     ensemble: Literal["member", "pessimistic"] = "member"
+    # CMA-ES's starting mean. zero: all weights 0. clone: the controller fitted to the actions
+    # of the best clone_top of the collected episodes (by real return), scored in the real
+    # env as generation 0 when real checks are on
+    init: Literal["zero", "clone"] = "zero"
+    clone_top: float = 0.5
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 
@@ -291,6 +296,9 @@ def _validate(cfg: Config):
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    if not 0 < cfg.evolve.clone_top <= 1:
+        raise ConfigError(f"config key 'evolve.clone_top': got {cfg.evolve.clone_top!r}, "
+                          "expected a fraction in (0, 1]")
     for name, amount in cfg.collect.actor_resources.items():
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ConfigError(f"config key 'collect.actor_resources.{name}': got {amount!r}, "

@@ -89,6 +89,21 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
     return fitness
 
 
+def _check(workers, mean, cfg: Config, real_seeds, hist: dict, writer, gen: int):
+    """The CMA-ES mean on equal terms: the same horizon in the dream and the real env."""
+    horizon = cfg.evaluate.max_steps
+    dm = float(ray.get(workers[0].dream_returns.remote(
+        mean[None], DREAM_CHECK_ROLLOUTS, cfg.seed + 7, horizon))[0])
+    rm = float(run_episodes(workers, mean, real_seeds, horizon).mean())
+    record("rayworld_best_return", max(hist["real_mean"] + [rm]), run=cfg.name, where="real")
+    hist["real_gen"].append(gen)
+    hist["real_mean"].append(rm)
+    hist["dream_check"].append(dm)
+    writer.add_scalar("evolve/real_mean", rm, gen)
+    writer.add_scalar("evolve/dream_check", dm, gen)
+    return dm, rm
+
+
 def _save_state(path: Path, data: dict):
     with atomic_path(path) as tmp:
         tmp.write_bytes(pickle.dumps(data))
@@ -124,7 +139,12 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         opts = {"popsize": e.population, "seed": cfg.seed + 1, "verbose": -9}
         if e.diagonal:
             opts["CMA_diagonal"] = True
-        es = cma.CMAEvolutionStrategy(np.zeros(num_params), e.sigma0, opts)
+        x0 = np.zeros(num_params)
+        if e.init == "clone":
+            from rayworld.clone import clone_params
+
+            x0 = clone_params(run_dir, cfg, log)
+        es = cma.CMAEvolutionStrategy(x0, e.sigma0, opts)
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
                                          "real_mean", "dream_check")}
     writer = tb_writer(run_dir, "evolve")
@@ -134,6 +154,10 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     log(f"evolve: {num_params} parameters, population {e.population} x {e.rollouts} rollouts, "
         f"{where}")
     try:
+        if gen0 == 0 and e.init == "clone" and e.real_episodes:  # what cloning alone gives
+            dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, 0)
+            log(f"evolve gen 0 (cloned): CMA-ES mean, {horizon} steps: dream {dm:.2f} "
+                f"real {rm:.2f}")
         for gen in range(gen0, e.generations):
             t0 = time.perf_counter()
             xs = np.asarray(es.ask())
@@ -156,17 +180,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             writer.add_scalar("evolve/sigma", es.sigma, gen + 1)
             last_gen = gen + 1 == e.generations
             if e.real_episodes and ((gen + 1) % e.real_every == 0 or last_gen):
-                # the CMA-ES mean on equal terms: same horizon, dream and real
-                dm = float(ray.get(workers[0].dream_returns.remote(
-                    es.mean[None], DREAM_CHECK_ROLLOUTS, cfg.seed + 7, horizon))[0])
-                rm = float(run_episodes(workers, es.mean, real_seeds, horizon).mean())
-                record("rayworld_best_return", max(hist["real_mean"] + [rm]),
-                       run=cfg.name, where="real")
-                hist["real_gen"].append(gen + 1)
-                hist["real_mean"].append(rm)
-                hist["dream_check"].append(dm)
-                writer.add_scalar("evolve/real_mean", rm, gen + 1)
-                writer.add_scalar("evolve/dream_check", dm, gen + 1)
+                dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, gen + 1)
                 line += f" | CMA-ES mean, {horizon} steps: dream {dm:.2f} real {rm:.2f}"
             writer.flush()
             log(f"{line} ({time.perf_counter() - t0:.1f} s)")

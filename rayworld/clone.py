@@ -1,0 +1,90 @@
+"""Behaviour cloning: a controller fitted to the collected actions, CMA-ES's starting point.
+
+`evolve.init: clone` starts the search from the controller that best imitates the data's
+best episodes (filtered behaviour cloning) instead of from zero weights. The controller
+sees what it sees when it acts: the VAE mean of each real frame and the MDN-RNN's h after
+the episode's real actions so far. Only logged data is used; the controller still learns
+from the dream alone after that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rayworld.data import Manifest, read_series
+
+
+def clone_inputs(world, series: Manifest, episodes: list[int]):
+    """z [N, Z], h [N, H] and the actions [N, A] the data took there, over `episodes`."""
+    zs, hs, acts = [], [], []
+    mdn = world.mdn
+    with torch.no_grad():
+        for e in episodes:
+            ep = read_series(series.file(e))
+            z = torch.tensor(ep["mu"], dtype=torch.float32)[None]
+            a = torch.tensor(ep["action"], dtype=torch.float32)[None]
+            out, _ = mdn.lstm(torch.cat([z, mdn.action_input(a).to(z.dtype)], dim=-1))
+            h = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # h before step t
+            zs.append(z[0])
+            hs.append(h[0])
+            acts.append(a[0])
+    return torch.cat(zs), torch.cat(hs), torch.cat(acts)
+
+
+def best_episodes(episodes: Manifest, series: Manifest, top: float) -> list[int]:
+    """The encoded episodes whose real return is in the top `top` fraction (at least one)."""
+    ids = sorted(series.shards)
+    ret = {e: float(episodes.shards.get(e, {}).get("return", 0.0)) for e in ids}
+    keep = max(1, int(round(top * len(ids))))
+    return sorted(sorted(ids, key=lambda e: -ret[e])[:keep])
+
+
+def fit_controller(controller, z, h, actions, epochs: int = 30, batch: int = 1024,
+                   lr: float = 3e-3, seed: int = 0) -> float:
+    """Fit in place by Adam: MSE on continuous actions, cross-entropy on discrete ones.
+    Returns the last epoch's mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(controller.parameters(), lr=lr)
+    loss_sum = 0.0
+    with torch.enable_grad():  # a caller's no_grad must not stop the fit
+        for _ in range(epochs):
+            loss_sum = 0.0
+            for idx in torch.randperm(len(z), generator=gen).split(batch):
+                if controller.discrete:
+                    logits = controller.net(torch.cat([z[idx], h[idx]], dim=-1))
+                    loss = torch.nn.functional.cross_entropy(logits, actions[idx, 0].long())
+                else:
+                    loss = torch.nn.functional.mse_loss(controller(z[idx], h[idx]),
+                                                        actions[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * len(idx)
+    return loss_sum / len(z)
+
+
+def clone_params(run_dir: Path, cfg, log=print) -> np.ndarray:
+    """The flat parameters of the controller cloned from the run's best episodes."""
+    from rayworld.dream import WorldModel
+    from rayworld.encode import SERIES
+    from rayworld.policies import make_controller
+
+    run_dir = Path(run_dir)
+    world = WorldModel.load(run_dir)
+    n_out = world.action_n if world.discrete else world.action_dim
+    controller = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete)
+    series = Manifest.load(run_dir / "data", SERIES, stage="encode")
+    chosen = best_episodes(Manifest.load(run_dir / "data"), series, cfg.evolve.clone_top)
+    z, h, actions = clone_inputs(world, series, chosen)
+    torch.manual_seed(cfg.seed)
+    # from the frame alone: h carries the last actions, and a clone that reads them copies
+    # its own last action (it never lets go of a brake once held); evolution may then use h
+    loss = fit_controller(controller, z, torch.zeros_like(h), actions, seed=cfg.seed)
+    with torch.no_grad():
+        controller.net[0].weight[:, world.latent:] = 0.0
+    log(f"evolve: controller cloned from the best {len(chosen)} of {len(series.shards)} "
+        f"episodes ({len(z)} steps), loss {loss:.4f}")
+    return controller.get_flat()
