@@ -75,11 +75,11 @@ def clone_params(run_dir: Path, cfg, log=print) -> np.ndarray:
     run_dir = Path(run_dir)
     world = WorldModel.load(run_dir)
     n_out = world.action_n if world.discrete else world.action_dim
+    torch.manual_seed(cfg.seed)  # the starting weights too: one seed, one clone
     controller = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete)
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     chosen = best_episodes(Manifest.load(run_dir / "data"), series, cfg.evolve.clone_top)
     z, h, actions = clone_inputs(world, series, chosen)
-    torch.manual_seed(cfg.seed)
     # from the frame alone: h carries the last actions, and a clone that reads them copies
     # its own last action (it never lets go of a brake once held); evolution may then use h
     loss = fit_controller(controller, z, torch.zeros_like(h), actions, seed=cfg.seed)

@@ -273,7 +273,7 @@ def _validate(cfg: Config):
         "ray.num_workers": cfg.ray.num_workers, "ray.cpus_per_worker": cfg.ray.cpus_per_worker,
         "data.val_every": cfg.data.val_every, "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "evolve.population": cfg.evolve.population, "evolve.rollouts": cfg.evolve.rollouts,
-        "evolve.sigma0": cfg.evolve.sigma0, "evolve.generations": cfg.evolve.generations,
+        "evolve.sigma0": cfg.evolve.sigma0,
         "evolve.tau": cfg.evolve.tau, "evolve.max_steps": cfg.evolve.max_steps,
         "evolve.real_every": cfg.evolve.real_every,
         "evolve.gpus_per_actor": cfg.evolve.gpus_per_actor, "evaluate.episodes": cfg.evaluate.episodes,
@@ -287,6 +287,7 @@ def _validate(cfg: Config):
                        "ray.num_cpus": cfg.ray.num_cpus, "ray.max_failures": cfg.ray.max_failures,
                        "vae.beta": cfg.vae.beta,
                        "evolve.num_actors": cfg.evolve.num_actors,
+                       "evolve.generations": cfg.evolve.generations,  # 0: keep the start
                        "evolve.real_episodes": cfg.evolve.real_episodes,
                        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps,
                        **{f"{m}.{k}": getattr(getattr(cfg, m), k) for m, keys in

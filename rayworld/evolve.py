@@ -104,6 +104,12 @@ def _check(workers, mean, cfg: Config, real_seeds, hist: dict, writer, gen: int)
     return dm, rm
 
 
+def _save_controller(ckpt: Path, mean, generation: int, cfg: Config):
+    with atomic_path(ckpt / CONTROLLER) as tmp:  # the CMA-ES mean: the robust pick
+        torch.save({"params": torch.from_numpy(np.asarray(mean, np.float64)),
+                    "generation": generation, "kind": cfg.controller.kind}, tmp)
+
+
 def _save_state(path: Path, data: dict):
     with atomic_path(path) as tmp:
         tmp.write_bytes(pickle.dumps(data))
@@ -154,10 +160,12 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     log(f"evolve: {num_params} parameters, population {e.population} x {e.rollouts} rollouts, "
         f"{where}")
     try:
-        if gen0 == 0 and e.init == "clone" and e.real_episodes:  # what cloning alone gives
-            dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, 0)
-            log(f"evolve gen 0 (cloned): CMA-ES mean, {horizon} steps: dream {dm:.2f} "
-                f"real {rm:.2f}")
+        if gen0 == 0:
+            if e.init == "clone" and e.real_episodes:  # what cloning alone gives
+                dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, 0)
+                log(f"evolve gen 0 (cloned): CMA-ES mean, {horizon} steps: dream {dm:.2f} "
+                    f"real {rm:.2f}")
+            _save_controller(ckpt, es.mean, 0, cfg)  # evolve.generations 0 keeps the start
         for gen in range(gen0, e.generations):
             t0 = time.perf_counter()
             xs = np.asarray(es.ask())
@@ -184,9 +192,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                 line += f" | CMA-ES mean, {horizon} steps: dream {dm:.2f} real {rm:.2f}"
             writer.flush()
             log(f"{line} ({time.perf_counter() - t0:.1f} s)")
-            with atomic_path(ckpt / CONTROLLER) as tmp:  # the CMA-ES mean: the robust pick
-                torch.save({"params": torch.from_numpy(np.asarray(es.mean, np.float64)),
-                            "generation": gen + 1, "kind": cfg.controller.kind}, tmp)
+            _save_controller(ckpt, es.mean, gen + 1, cfg)
             _save_state(state_path, {"es": es, "generation": gen + 1, "history": hist,
                                      "num_params": num_params})
             save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png", horizon)
