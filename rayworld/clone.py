@@ -1,10 +1,8 @@
 """Behaviour cloning: a controller fitted to the collected actions, CMA-ES's starting point.
 
 `evolve.init: clone` starts the search from the controller that best imitates the data's
-best episodes (filtered behaviour cloning) instead of from zero weights. The controller
-sees what it sees when it acts: the VAE mean of each real frame and the MDN-RNN's h after
-the episode's real actions so far. Only logged data is used; the controller still learns
-from the dream alone after that.
+best episodes (filtered behaviour cloning) instead of from zero weights. It learns from
+logged data only, never from the real env; after that, CMA-ES trains it in the dream.
 """
 
 from __future__ import annotations
@@ -17,27 +15,30 @@ import torch
 from rayworld.data import Manifest, read_series
 
 
-def clone_inputs(world, series: Manifest, episodes: list[int]):
-    """z [N, Z], h [N, H] and the actions [N, A] the data took there, over `episodes`."""
-    zs, hs, acts = [], [], []
-    mdn = world.mdn
-    with torch.no_grad():
-        for e in episodes:
-            ep = read_series(series.file(e))
-            z = torch.tensor(ep["mu"], dtype=torch.float32)[None]
-            a = torch.tensor(ep["action"], dtype=torch.float32)[None]
-            out, _ = mdn.lstm(torch.cat([z, mdn.action_input(a).to(z.dtype)], dim=-1))
-            h = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # h before step t
-            zs.append(z[0])
-            hs.append(h[0])
-            acts.append(a[0])
-    return torch.cat(zs), torch.cat(hs), torch.cat(acts)
+def clone_inputs(series: Manifest, episodes: list[int], z_sample: bool = False, seed: int = 0):
+    """z [N, Z] as the real agent sees it (the VAE mean, or a sample with `controller.z:
+    sample`) and the actions [N, A] the data took there, over `episodes`."""
+    gen = torch.Generator().manual_seed(seed)
+    zs, acts = [], []
+    for e in episodes:
+        ep = read_series(series.file(e))
+        z = torch.tensor(ep["mu"], dtype=torch.float32)
+        if z_sample:
+            eps = torch.randn(z.shape, generator=gen)
+            z = z + torch.exp(0.5 * torch.tensor(ep["logvar"], dtype=torch.float32)) * eps
+        zs.append(z)
+        acts.append(torch.tensor(ep["action"], dtype=torch.float32))
+    return torch.cat(zs), torch.cat(acts)
 
 
 def best_episodes(episodes: Manifest, series: Manifest, top: float) -> list[int]:
-    """The encoded episodes whose real return is in the top `top` fraction (at least one)."""
+    """The encoded episodes whose real return is in the top `top` fraction (at least one).
+    The return comes from the episodes manifest, or from the encoded rewards where it has none."""
     ids = sorted(series.shards)
-    ret = {e: float(episodes.shards.get(e, {}).get("return", 0.0)) for e in ids}
+    ret = {}
+    for e in ids:
+        r = episodes.shards.get(e, {}).get("return")
+        ret[e] = float(r) if r is not None else float(read_series(series.file(e))["reward"].sum())
     keep = max(1, int(round(top * len(ids))))
     return sorted(sorted(ids, key=lambda e: -ret[e])[:keep])
 
@@ -67,7 +68,11 @@ def fit_controller(controller, z, h, actions, epochs: int = 30, batch: int = 102
 
 
 def clone_params(run_dir: Path, cfg, log=print) -> np.ndarray:
-    """The flat parameters of the controller cloned from the run's best episodes."""
+    """The flat parameters of the controller cloned from the run's best episodes.
+
+    It reads the frame's z alone (its h weights are 0): h carries the last actions, and a
+    clone that reads them copies its own last action (it never lets go of a brake once held).
+    Evolution may then use h."""
     from rayworld.dream import WorldModel
     from rayworld.encode import SERIES
     from rayworld.policies import make_controller
@@ -79,10 +84,9 @@ def clone_params(run_dir: Path, cfg, log=print) -> np.ndarray:
     controller = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete)
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     chosen = best_episodes(Manifest.load(run_dir / "data"), series, cfg.evolve.clone_top)
-    z, h, actions = clone_inputs(world, series, chosen)
-    # from the frame alone: h carries the last actions, and a clone that reads them copies
-    # its own last action (it never lets go of a brake once held); evolution may then use h
-    loss = fit_controller(controller, z, torch.zeros_like(h), actions, seed=cfg.seed)
+    z, actions = clone_inputs(series, chosen, cfg.controller.z == "sample", cfg.seed)
+    loss = fit_controller(controller, z, torch.zeros(len(z), world.hidden), actions,
+                          seed=cfg.seed)
     with torch.no_grad():
         controller.net[0].weight[:, world.latent:] = 0.0
     log(f"evolve: controller cloned from the best {len(chosen)} of {len(series.shards)} "

@@ -129,6 +129,11 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     check_world_model(run_dir)
     if state_path.exists():
         saved = _load_state(state_path)  # before any actor starts: a damaged file is one line
+    x0 = None
+    if e.init == "clone" and not state_path.exists():  # before any actor: errors are one line
+        from rayworld.clone import clone_params
+
+        x0 = clone_params(run_dir, cfg, log)
     n_workers = e.num_actors or max(1, int(ray.available_resources().get("CPU", 1)))
     gpus = e.gpus_per_actor if cfg.ray.use_gpu else 0
     cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=0)(EvolveWorker)
@@ -145,11 +150,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         opts = {"popsize": e.population, "seed": cfg.seed + 1, "verbose": -9}
         if e.diagonal:
             opts["CMA_diagonal"] = True
-        x0 = np.zeros(num_params)
-        if e.init == "clone":
-            from rayworld.clone import clone_params
-
-            x0 = clone_params(run_dir, cfg, log)
+        if x0 is None:
+            x0 = np.zeros(num_params)
         es = cma.CMAEvolutionStrategy(x0, e.sigma0, opts)
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
                                          "real_mean", "dream_check")}

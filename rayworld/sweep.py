@@ -150,6 +150,9 @@ def _check_space(sweep: SweepConfig, base: dict, path: Path):
             raise ConfigError(f"{path}: sweep.space: {e}") from None
     if sweep.scheduler.type == "pbt" and sweep.stage != "controller":
         raise ConfigError(f"{path}: sweep.scheduler.type 'pbt' is for stage 'controller'")
+    if sweep.stage == "controller" and base["evolve"]["generations"] < 1:
+        raise ConfigError(f"{path}: evolve.generations is {base['evolve']['generations']}; "
+                          "a controller sweep needs at least 1")
 
 
 def _domain(spec: dict):
@@ -233,7 +236,12 @@ def controller_trial(config: dict):
         elif hp["sigma0"] != old["sigma0"]:
             es.sigma *= hp["sigma0"] / old["sigma0"]
     else:
-        es = cma.CMAEvolutionStrategy(np.zeros(template.num_params), e.sigma0,
+        x0 = np.zeros(template.num_params)
+        if e.init == "clone":  # seeded: every trial starts from the same clone
+            from rayworld.clone import clone_params
+
+            x0 = clone_params(Path(config["_data"]), cfg, log=lambda _: None)
+        es = cma.CMAEvolutionStrategy(x0, e.sigma0,
                                       {"popsize": e.population, "seed": cfg.seed + 1,
                                        "verbose": -9})
         gen = 0

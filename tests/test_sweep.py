@@ -88,6 +88,8 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
                    "{uniform: [1e-4, 1e-3]}}}\n")
     with pytest.raises(ConfigError, match="'pbt' is for stage 'controller'"):
         load_sweep(bad)
+    with pytest.raises(ConfigError, match="evolve.generations is 0; a controller sweep needs"):
+        load_sweep(ROOT / "tune_configs/controller_pbt.yaml", ["evolve.generations=0"])
 
 
 def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):

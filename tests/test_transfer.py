@@ -315,15 +315,16 @@ def test_clone_fits_the_best_episodes_from_the_frame_alone(tiny_run):
     cfg = load_config(tiny_run / "config.yaml")
     episodes = Manifest.load(tiny_run / "data")
     series = Manifest.load(tiny_run / "data", SERIES)
+    assert len(series.shards) == 12  # conftest's TINY: collect.episodes=12
     chosen = best_episodes(episodes, series, 0.5)
-    assert len(chosen) == round(len(series.shards) / 2)
+    assert len(chosen) == 6
     kept = min(episodes.shards[e]["return"] for e in chosen)
     assert all(episodes.shards[e]["return"] <= kept for e in set(series.shards) - set(chosen))
 
     world = WorldModel.load(tiny_run)
-    z, h, actions = clone_inputs(world, series, chosen)
-    assert len(z) == sum(series.shards[e]["steps"] for e in chosen)
-    assert torch.equal(h[0], torch.zeros_like(h[0]))  # h before the first step is the zero state
+    z, actions = clone_inputs(series, chosen)
+    assert len(z) == len(actions) == sum(series.shards[e]["steps"] for e in chosen)
+    h = torch.zeros(len(z), world.hidden)
     controller = make_controller(cfg, world.latent, world.hidden, world.action_dim, False)
     controller.set_flat(np.zeros(controller.num_params))
     with torch.no_grad():
@@ -340,13 +341,22 @@ def test_clone_fits_the_best_episodes_from_the_frame_alone(tiny_run):
 def test_evolve_from_a_cloned_controller_scores_it_first(tiny_run, tmp_path, capsys):
     import pickle
 
+    from rayworld.clone import clone_params
+    from rayworld.policies import load_controller_params
+
     run = tmp_path / "clone"
     shutil.copytree(tiny_run, run)
     (run / "checkpoints" / "evolve_state.pkl").unlink()
     args = ["evolve", "--out", str(run), "--set", "evolve.init=clone", "--set",
-            "evolve.generations=2", "--set", "evolve.population=4", "--set", "evolve.rollouts=2",
-            "--set", "evaluate.max_steps=30", "--set", "evolve.real_every=2"]
-    assert main(args) == 0
+            "evolve.population=4", "--set", "evolve.rollouts=2", "--set",
+            "evaluate.max_steps=30", "--set", "evolve.real_every=2"]
+    # no generations: the controller is the clone itself
+    assert main(args + ["--set", "evolve.generations=0"]) == 0
     assert "evolve gen 0 (cloned)" in capsys.readouterr().out
+    params, gen = load_controller_params(run)
+    cfg = load_config(run / "config.yaml")
+    assert gen == 0 and np.allclose(params, clone_params(run, cfg, log=lambda _: None))
+    assert main(args + ["--set", "evolve.generations=2"]) == 0
     hist = pickle.loads((run / "checkpoints" / "evolve_state.pkl").read_bytes())["history"]
     assert hist["real_gen"] == [0, 2] and len(hist["dream_check"]) == 2
+    assert load_controller_params(run)[1] == 2
