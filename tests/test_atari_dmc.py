@@ -55,7 +55,8 @@ BREAKOUT_TINY = ["collect.episodes=6", "collect.max_steps=80", "vae.epochs=1", "
                  "vae.warmup_steps=0", "mdn.epochs=1", "mdn.seq_len=16", "mdn.batch_size=8",
                  "mdn.hidden=32", "evolve.generations=2", "evolve.population=4",
                  "evolve.rollouts=2", "evolve.max_steps=40", "evolve.real_episodes=0",
-                 "evaluate.episodes=2", "evaluate.max_steps=100", "ray.cpus_per_worker=1"]
+                 "evaluate.episodes=2", "evaluate.max_steps=100", "ray.cpus_per_worker=1",
+                 "evolve.init=clone"]  # the clone's discrete path: cross-entropy on logits
 
 
 def test_breakout_pipeline_with_discrete_actions(ray_session, tmp_path):
