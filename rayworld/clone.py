@@ -73,22 +73,23 @@ def clone_params(run_dir: Path, cfg, log=print) -> np.ndarray:
     It reads the frame's z alone (its h weights are 0): h carries the last actions, and a
     clone that reads them copies its own last action (it never lets go of a brake once held).
     Evolution may then use h."""
-    from rayworld.dream import WorldModel
     from rayworld.encode import SERIES
     from rayworld.policies import make_controller
+    from rayworld.train.common import load_model_file
 
     run_dir = Path(run_dir)
-    world = WorldModel.load(run_dir)
-    n_out = world.action_n if world.discrete else world.action_dim
+    # the controller's shape only: the clone needs neither the MDN-RNN nor the dream's starts
+    mdn = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
+    latent, hidden, discrete = mdn["latent"], mdn["hidden"], mdn.get("action_n", 0) > 0
     torch.manual_seed(cfg.seed)  # the starting weights too: one seed, one clone
-    controller = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete)
+    controller = make_controller(cfg, latent, hidden, mdn["action_n"] if discrete
+                                 else mdn["action_dim"], discrete)
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     chosen = best_episodes(Manifest.load(run_dir / "data"), series, cfg.evolve.clone_top)
     z, actions = clone_inputs(series, chosen, cfg.controller.z == "sample", cfg.seed)
-    loss = fit_controller(controller, z, torch.zeros(len(z), world.hidden), actions,
-                          seed=cfg.seed)
+    loss = fit_controller(controller, z, torch.zeros(len(z), hidden), actions, seed=cfg.seed)
     with torch.no_grad():
-        controller.net[0].weight[:, world.latent:] = 0.0
+        controller.net[0].weight[:, latent:] = 0.0
     log(f"evolve: controller cloned from the best {len(chosen)} of {len(series.shards)} "
         f"episodes ({len(z)} steps), loss {loss:.4f}")
     return controller.get_flat()
