@@ -155,6 +155,9 @@ class EvolveConfig:
     # env as generation 0 when real checks are on
     init: Literal["zero", "clone"] = "zero"
     clone_top: float = 0.5
+    # a dream step costs anchor x the squared gap between the candidate's action and the
+    # starting controller's (the clone's) on the same state; 0: the plain dream return
+    anchor: float = 0.0
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 
@@ -289,6 +292,7 @@ def _validate(cfg: Config):
                        "evolve.num_actors": cfg.evolve.num_actors,
                        "evolve.generations": cfg.evolve.generations,  # 0: keep the start
                        "evolve.real_episodes": cfg.evolve.real_episodes,
+                       "evolve.anchor": cfg.evolve.anchor,
                        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps,
                        **{f"{m}.{k}": getattr(getattr(cfg, m), k) for m, keys in
                           {"vae": ("encoder_lr", "decoder_lr", "grad_clip", "warmup_steps",
@@ -297,6 +301,9 @@ def _validate(cfg: Config):
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    if cfg.evolve.anchor > 0 and cfg.evolve.where != "dream":
+        raise ConfigError(f"config key 'evolve.anchor': got {cfg.evolve.anchor!r} with "
+                          "evolve.where 'real', expected 0 (the anchor is a dream cost)")
     if not 0 < cfg.evolve.clone_top <= 1:
         raise ConfigError(f"config key 'evolve.clone_top': got {cfg.evolve.clone_top!r}, "
                           "expected a fraction in (0, 1]")

@@ -190,14 +190,24 @@ class BatchedDream:
         self.done_p = self.world.done_prob(out.done_logit)
         return z_next, state, reward, self.done_p > 0.5
 
+    def action_gap(self, action: torch.Tensor, ref_action: torch.Tensor) -> torch.Tensor:
+        """How far each row's action is from the reference's [B]: the squared distance, or
+        1 where a discrete action differs."""
+        if self.world.discrete:
+            return (action.reshape(len(action)) != ref_action.reshape(len(action))).float()
+        return (action.float() - ref_action.float()).reshape(len(action), -1).pow(2).sum(1)
+
     @torch.no_grad()
     def rollout(self, policy, batch: int, seed: int, shared: int = 1,
-                max_steps: int | None = None) -> torch.Tensor:
+                max_steps: int | None = None, ref=None, anchor: float = 0.0) -> torch.Tensor:
         """Returns each rollout's total dream reward [B]. policy(z, h) -> actions [B, A].
 
         done "threshold": a rollout ends where P(end) > 0.5. "survival": every reward is
         weighted by the probability that the episode is still running, so steps where the
         model is unsure whether the car is still on the road count for less.
+        ref, anchor: every step also costs anchor x action_gap(policy, ref) on the same
+        state, so the policy leaves the reference (the behaviour clone) only where the
+        dream's gain is worth it (a behaviour-regularised objective, as in offline RL).
         """
         gen = torch.Generator(device=self.world.device).manual_seed(seed)
         z, state = self.reset(batch, gen, shared)
@@ -205,6 +215,8 @@ class BatchedDream:
         alive = torch.ones(batch, device=z.device)
         for _ in range(max_steps or self.max_steps):
             action = policy(z, state[0][0])
+            if ref is not None and anchor > 0:
+                total -= anchor * self.action_gap(action, ref(z, state[0][0])) * alive
             z, state, reward, done = self.step(z, state, action, gen, shared)
             total += reward * alive
             alive = alive * (1 - self.done_p) if self.done == "survival" else alive * ~done
@@ -240,14 +252,20 @@ class Population:
 
 def evaluate_population(dream: BatchedDream, template: Controller, flat_params: np.ndarray,
                         rollouts: int, seed: int, common: bool = True,
-                        max_steps: int | None = None) -> np.ndarray:
+                        max_steps: int | None = None, ref_params: np.ndarray | None = None,
+                        anchor: float = 0.0) -> np.ndarray:
     """Mean dream return per candidate, all candidates x rollouts in one batch.
 
     common: every candidate meets the same `rollouts` dreams (common random numbers).
+    ref_params, anchor: the return less anchor x the action gap to that controller (rollout).
     """
     pop = Population(template, flat_params, rollouts)
+    ref = None
+    if ref_params is not None and anchor > 0:
+        ref = copy.deepcopy(template)
+        ref.set_flat(ref_params)
     returns = dream.rollout(pop, pop.size * rollouts, seed, shared=pop.size if common else 1,
-                            max_steps=max_steps)
+                            max_steps=max_steps, ref=ref, anchor=anchor)
     return returns.reshape(pop.size, rollouts).mean(1).double().cpu().numpy()
 
 

@@ -53,14 +53,16 @@ class EvolveWorker(RealRunner):
         return self.controller.num_params
 
     def dream_returns(self, params: np.ndarray, rollouts: int, seed: int,
-                      max_steps: int | None = None) -> np.ndarray:
+                      max_steps: int | None = None, ref: np.ndarray | None = None) -> np.ndarray:
+        """Mean dream return per candidate; with `ref`, less the anchor's cost (fitness)."""
         from rayworld.dream import evaluate_population
 
+        e = self.cfg.evolve
         return evaluate_population(self.dream, self.dream_template, params, rollouts, seed,
-                                   self.cfg.evolve.common_noise, max_steps)
+                                   e.common_noise, max_steps, ref, e.anchor)
 
     def real_returns(self, params: np.ndarray, rollouts: int, seed: int,
-                     max_steps: int | None = None) -> np.ndarray:
+                     max_steps: int | None = None, ref=None) -> np.ndarray:
         """Mean real return per candidate over the same `rollouts` env seeds."""
         seeds = [seed + i for i in range(rollouts)]
         steps = max_steps or self.cfg.evaluate.max_steps
@@ -68,12 +70,12 @@ class EvolveWorker(RealRunner):
 
 
 def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
-           where: str = "dream") -> np.ndarray:
+           where: str = "dream", ref: np.ndarray | None = None) -> np.ndarray:
     """Fitness of every candidate; a share whose actor died is redone by another."""
     method = "dream_returns" if where == "dream" else "real_returns"
     shares = [s for s in np.array_split(np.arange(len(params)), len(workers)) if len(s)]
     fitness = np.empty(len(params))
-    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed): (i, s)
+    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed, None, ref): (i, s)
                for i, s in enumerate(shares)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -84,8 +86,8 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
             j = (i + 1) % len(workers)
             log(f"evolve: dream-evaluator-{i} died; its {len(share)} candidates go to "
                 f"dream-evaluator-{j}")
-            pending[getattr(workers[j], method).remote(params[share], rollouts, seed)] = \
-                (j, share)
+            pending[getattr(workers[j], method).remote(params[share], rollouts, seed, None,
+                                                       ref)] = (j, share)
     return fitness
 
 
@@ -161,6 +163,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     where = "scored in the dream" if e.where == "dream" else "scored in the real env"
     log(f"evolve: {num_params} parameters, population {e.population} x {e.rollouts} rollouts, "
         f"{where}")
+    # the anchor holds candidates to CMA-ES's start (cma keeps it as x0, so a resume has it)
+    anchor_ref = np.asarray(es.x0, np.float64) if e.anchor > 0 else None
     try:
         if gen0 == 0:
             if e.init == "clone" and e.real_episodes:  # what cloning alone gives
@@ -173,7 +177,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             xs = np.asarray(es.ask())
             seed = (cfg.seed * 100_003 + gen) if e.where == "dream" else \
                 1_000_000 + cfg.seed * 100_003 + gen * e.rollouts
-            fitness = _score(workers, xs, e.rollouts, seed, log, e.where)
+            fitness = _score(workers, xs, e.rollouts, seed, log, e.where, anchor_ref)
             es.tell(list(xs), list(-fitness))  # cma minimises
             best = int(np.argmax(fitness))
             record("rayworld_dream_evals_per_s",
@@ -183,7 +187,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             hist["dream_best"].append(float(fitness[best]))
             hist["dream_mean"].append(float(fitness.mean()))
             hist["dream_worst"].append(float(fitness.min()))
-            line = (f"evolve gen {gen + 1}/{e.generations}: {e.where} best {fitness[best]:.2f} "
+            what = "dream fitness (return - anchor cost)" if anchor_ref is not None else e.where
+            line = (f"evolve gen {gen + 1}/{e.generations}: {what} best {fitness[best]:.2f} "
                     f"mean {fitness.mean():.2f} worst {fitness.min():.2f}")
             for k in ("dream_best", "dream_mean", "dream_worst"):
                 writer.add_scalar(f"evolve/{k}", hist[k][-1], gen + 1)

@@ -228,6 +228,7 @@ def controller_trial(config: dict):
         with ckpt.as_directory() as d:
             saved = pickle.loads((Path(d) / STATE).read_bytes())  # our own file, written below
         es, gen, history = saved["es"], saved["generation"], saved["history"]
+        ref = saved.get("ref")
         old = saved["hp"]
         if hp["population"] != old["population"]:
             es = cma.CMAEvolutionStrategy(es.mean, es.sigma * hp["sigma0"] / old["sigma0"],
@@ -245,6 +246,7 @@ def controller_trial(config: dict):
                                       {"popsize": e.population, "seed": cfg.seed + 1,
                                        "verbose": -9})
         gen = 0
+        ref = np.asarray(x0, np.float64)  # evolve.anchor's reference: where the trial began
     # PBT copies a donor's config and CMA-ES state: mix in this trial's id so the copy
     # samples its own candidates and dreams from here on.
     trial_id = tune.get_context().get_trial_id()
@@ -255,7 +257,8 @@ def controller_trial(config: dict):
         t0 = time.perf_counter()
         xs = np.asarray(es.ask())
         fitness = evaluate_population(dream, template, xs, e.rollouts,
-                                      (cfg.seed + trial_seed) * 100_003 + gen)
+                                      (cfg.seed + trial_seed) * 100_003 + gen,
+                                      ref_params=ref, anchor=e.anchor)
         es.tell(list(xs), list(-fitness))  # cma minimises
         gen += 1
         evals_per_s = len(xs) * e.rollouts / max(time.perf_counter() - t0, 1e-9)
@@ -268,7 +271,8 @@ def controller_trial(config: dict):
         if gen % interval == 0 or gen == e.generations:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / STATE).write_bytes(pickle.dumps(
-                    {"es": es, "generation": gen, "history": history, "hp": hp}))
+                    {"es": es, "generation": gen, "history": history, "hp": hp,
+                     "ref": ref}))
                 torch.save({"params": torch.from_numpy(np.asarray(es.mean, np.float64)),
                             "generation": gen, "kind": cfg.controller.kind},
                            Path(d) / "controller.pt")

@@ -62,6 +62,10 @@ def test_bad_value_names_key_and_expected():
         load_config(None, ["collect.episodes=0"])
     with pytest.raises(ConfigError, match=r"'vae.epochs'.*expected int"):
         load_config(None, ["vae.epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"'evolve.anchor'.*>= 0"):
+        load_config(None, ["evolve.anchor=-1"])
+    with pytest.raises(ConfigError, match=r"'evolve.anchor'.*evolve.where 'real'"):
+        load_config(None, ["evolve.anchor=1", "evolve.where=real"])
 
 
 def test_bad_file_is_named(tmp_path):

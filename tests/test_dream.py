@@ -65,6 +65,30 @@ def test_common_random_numbers_rank_controllers_not_luck(tiny_run):
     assert np.ptp(apart) > 0
 
 
+def test_anchor_costs_the_action_gap_to_the_reference(tiny_run):
+    """Fitness = dream return - anchor x sum of squared action gaps to the reference: zero
+    for the reference itself, and linear in the anchor for any other candidate."""
+    import dataclasses
+
+    world = WorldModel.load(tiny_run)
+    dream = BatchedDream(world, tau=1.0, max_steps=20)
+    template = Controller(world.latent, world.hidden, world.action_dim)
+    rng = np.random.default_rng(2)
+    params = rng.normal(0, 0.5, (2, template.num_params))
+    plain = evaluate_population(dream, template, params, rollouts=3, seed=4)
+    one = evaluate_population(dream, template, params, 3, 4, ref_params=params[0], anchor=1.0)
+    three = evaluate_population(dream, template, params, 3, 4, ref_params=params[0], anchor=3.0)
+    assert one[0] == pytest.approx(plain[0], abs=1e-5)  # the reference pays nothing
+    cost = plain[1] - one[1]
+    assert cost > 0.1  # a different controller pays for every step it differs
+    assert plain[1] - three[1] == pytest.approx(3 * cost, rel=1e-4)
+    a, b = torch.tensor([[0.5, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.5]])
+    assert dream.action_gap(a, b).tolist() == [0.5]
+    discrete = BatchedDream(dataclasses.replace(world, discrete=True))
+    assert discrete.action_gap(torch.tensor([1, 2, 0]), torch.tensor([1, 0, 0])).tolist() == \
+        [0.0, 1.0, 0.0]
+
+
 def test_killed_evaluator_share_is_redone(tiny_run):
     import ray
 

@@ -350,9 +350,11 @@ def test_evolve_from_a_cloned_controller_scores_it_first(tiny_run, tmp_path, cap
     args = ["evolve", "--out", str(run), "--set", "evolve.init=clone", "--set",
             "evolve.population=4", "--set", "evolve.rollouts=2", "--set",
             "evaluate.max_steps=30", "--set", "evolve.real_every=1", "--set",
-            "evolve.generations=1"]
+            "evolve.generations=1", "--set", "evolve.anchor=0.5"]
     assert main(args) == 0
-    assert "evolve gen 0 (cloned)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "evolve gen 0 (cloned)" in out
+    assert "evolve gen 1/1: dream fitness (return - anchor cost)" in out  # anchored to the clone
     saved = pickle.loads((run / "checkpoints" / "evolve_state.pkl").read_bytes())
     cfg = load_config(run / "config.yaml")
     assert np.allclose(saved["es"].x0, clone_params(run, cfg, log=lambda _: None))  # the start

@@ -41,7 +41,7 @@ class Controller(nn.Module):
         return torch.nn.utils.parameters_to_vector(self.parameters()).detach().cpu().double().numpy()
 
     def set_flat(self, vec) -> None:
-        vec = np.asarray(vec, dtype=np.float64).ravel()
+        vec = np.array(vec, dtype=np.float64).ravel()  # a copy: Ray hands out read-only arrays
         if vec.size != self.num_params:
             raise ValueError(f"expected {self.num_params} parameters, got {vec.size}")
         ref = next(self.parameters())
