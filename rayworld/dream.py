@@ -214,9 +214,10 @@ class BatchedDream:
         total = torch.zeros(batch, device=z.device)
         alive = torch.ones(batch, device=z.device)
         for _ in range(max_steps or self.max_steps):
-            action = policy(z, state[0][0])
+            h = state[0][0]
+            action = policy(z, h)
             if ref is not None and anchor > 0:
-                total -= anchor * self.action_gap(action, ref(z, state[0][0])) * alive
+                total -= anchor * self.action_gap(action, ref(z, h)) * alive
             z, state, reward, done = self.step(z, state, action, gen, shared)
             total += reward * alive
             alive = alive * (1 - self.done_p) if self.done == "survival" else alive * ~done

@@ -62,7 +62,7 @@ class EvolveWorker(RealRunner):
                                    e.common_noise, max_steps, ref, e.anchor)
 
     def real_returns(self, params: np.ndarray, rollouts: int, seed: int,
-                     max_steps: int | None = None, ref=None) -> np.ndarray:
+                     max_steps: int | None = None) -> np.ndarray:
         """Mean real return per candidate over the same `rollouts` env seeds."""
         seeds = [seed + i for i in range(rollouts)]
         steps = max_steps or self.cfg.evaluate.max_steps
@@ -73,9 +73,10 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
            where: str = "dream", ref: np.ndarray | None = None) -> np.ndarray:
     """Fitness of every candidate; a share whose actor died is redone by another."""
     method = "dream_returns" if where == "dream" else "real_returns"
+    extra = {"ref": ref} if ref is not None else {}  # the anchor: a dream cost only
     shares = [s for s in np.array_split(np.arange(len(params)), len(workers)) if len(s)]
     fitness = np.empty(len(params))
-    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed, None, ref): (i, s)
+    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed, **extra): (i, s)
                for i, s in enumerate(shares)}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -86,8 +87,8 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
             j = (i + 1) % len(workers)
             log(f"evolve: dream-evaluator-{i} died; its {len(share)} candidates go to "
                 f"dream-evaluator-{j}")
-            pending[getattr(workers[j], method).remote(params[share], rollouts, seed, None,
-                                                       ref)] = (j, share)
+            pending[getattr(workers[j], method).remote(params[share], rollouts, seed,
+                                                       **extra)] = (j, share)
     return fitness
 
 
