@@ -44,9 +44,9 @@ class CollectConfig:
     episodes: int = 64
     max_steps: int = 300  # per episode; the env may end it earlier
     # rayworld.policies: random, brownian, drive (gas-biased, for cars), track (a scripted road
-    # follower), random_controller (the paper's: small random weights on [z, h]), controller
-    # (the evolved one plus `noise`)
-    policy: Literal["random", "brownian", "drive", "track", "random_controller",
+    # follower), gait (sine waves per joint, for DMC bodies), random_controller (the paper's:
+    # small random weights on [z, h]), controller (the evolved one plus `noise`)
+    policy: Literal["random", "brownian", "drive", "track", "gait", "random_controller",
                     "controller"] = "brownian"
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
     gas: float = 0.7  # drive, track: the gas level the walk reverts to

@@ -10,6 +10,10 @@
   on the wheel, brake holds, bursts of heavy gas, and lapses where it lets go and leaves the
   road. Like Dropout's Dream Land's expert data, it shows the model the track being driven;
   the controller still learns only in the dream.
+- `gait`: for bodies with joints (DMC locomotion): every action dimension follows a sine wave
+  with the episode's own period, amplitude, phase and offset, plus noise, and now and then the
+  episode switches to a new gait. Rhythm moves a body where a random walk only twitches it, so
+  the data shows running at many speeds, and falling over, for the model to learn from.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
   episode, acting through the run's VAE and MDN-RNN.
 - `controller`: the evolved controller, plus Gaussian exploration noise (`collect.noise`).
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 CONTROLLER = "controller.pt"
-KINDS = ("random", "brownian", "drive", "track", "random_controller", "controller")
+KINDS = ("random", "brownian", "drive", "track", "gait", "random_controller", "controller")
 MODEL_KINDS = ("random_controller", "controller")  # these need a trained VAE and MDN-RNN
 
 
@@ -177,6 +181,37 @@ class TrackPolicy:
         return np.array([steer, gas, brake], np.float32)
 
 
+class GaitPolicy:
+    """Rhythmic actions for jointed bodies (see the module docstring). Periods are in env steps
+    (12 to 50: 0.25 to 1 s at DMC's 50 steps a second), the noise std is sigma / 5, and with
+    probability `switch` per step the episode draws a new gait."""
+
+    def __init__(self, space, rng: np.random.Generator, sigma: float, switch: float = 0.005):
+        if hasattr(space, "n"):
+            raise ValueError(f"collect.policy gait needs a continuous action space, this env has "
+                             f"{space}; use brownian")
+        self.rng, self.switch, self.noise = rng, switch, sigma / 5
+        self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
+        self.t = 0
+        self._draw()
+
+    def _draw(self):
+        r, n = self.rng, len(self.low)
+        self.omega = 2 * np.pi / r.uniform(12, 50)
+        self.amp = r.uniform(0.3, 1.0, n)
+        self.phase = r.uniform(0, 2 * np.pi, n)
+        self.offset = r.uniform(-0.3, 0.3, n)
+
+    def __call__(self, obs):
+        if self.rng.random() < self.switch:
+            self._draw()
+        wave = self.amp * np.sin(self.omega * self.t + self.phase) + self.offset
+        self.t += 1
+        mid, half = (self.high + self.low) / 2, (self.high - self.low) / 2
+        a = mid + half * (wave + self.noise * self.rng.standard_normal(len(wave)))
+        return np.clip(a, self.low, self.high).astype(np.float32)
+
+
 def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
     """A model-free collection policy, seeded per episode."""
     rng = np.random.default_rng([seed, 7])
@@ -188,6 +223,8 @@ def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
         return DrivePolicy(space, rng, sigma, gas)
     if kind == "track":
         return TrackPolicy(space, rng, sigma, gas)
+    if kind == "gait":
+        return GaitPolicy(space, rng, sigma)
     raise ValueError(f"unknown policy {kind!r}; known: {', '.join(KINDS)}")
 
 

@@ -50,6 +50,34 @@ def test_track_policy_drives_the_carracing_track():
     assert min(track) > 100 and max(rand) < 20, (track, rand)
 
 
+def test_gait_policy_runs_the_cheetah_where_a_random_walk_twitches():
+    """DMC cheetah-run's physics with the pixel env's action repeat of 2 (no frames are
+    rendered: only the policy's effect on the body matters here)."""
+    import gymnasium as gym
+
+    suite = pytest.importorskip("dm_control.suite")
+    env = suite.load("cheetah", "run", task_kwargs={"random": 0})
+    spec = env.action_spec()
+    space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
+    returns = {}
+    for kind in ("gait", "brownian"):
+        returns[kind] = []
+        for seed in range(12):
+            policy = make_policy(kind, space, seed, 0.5)
+            env.reset()
+            total = 0.0
+            for _ in range(500):
+                action = policy(None)
+                assert space.contains(action)
+                total += sum(env.step(action).reward or 0.0 for _ in range(2))
+            returns[kind].append(total)
+    gait, walk = np.asarray(returns["gait"]), np.asarray(returns["brownian"])
+    # the data must show running: a quarter of gait's episodes beat the walk's best quarter by half
+    assert np.percentile(gait, 75) > 1.5 * np.percentile(walk, 75), returns
+    with pytest.raises(ValueError, match="continuous action space"):
+        make_policy("gait", gym.spaces.Discrete(4), 0, 0.5)
+
+
 def test_drive_policy_refuses_non_car_action_spaces():
     import gymnasium as gym
 
