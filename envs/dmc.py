@@ -21,7 +21,9 @@ from envs.frames import SIZE
 from envs.registry import EnvArgumentError, check, is_int
 
 
-def _load(domain: str, task: str, seed: int | None):
+def load_task(domain: str, task: str, seed: int | None):
+    """The dm_control task, with MUJOCO_GL set first: whichever GL backend dm_control meets
+    first stays for the whole process."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     from dm_control import suite
 
@@ -40,7 +42,7 @@ class DMCPixels(gym.Env):
         check("action_repeat", action_repeat, is_int(action_repeat) and action_repeat >= 1,
               "an int >= 1")
         self.domain, self.task, self.repeat = domain, task, action_repeat
-        self._env = _load(domain, task, None)
+        self._env = load_task(domain, task, None)
         cameras = self._env.physics.model.ncam
         check("camera_id", camera_id, is_int(camera_id) and 0 <= camera_id < cameras,
               f"0..{cameras - 1} ({domain} has {cameras} cameras)")

@@ -192,6 +192,7 @@ class GaitPolicy:
                              f"{space}; use brownian")
         self.rng, self.switch, self.noise = rng, switch, sigma / 5
         self.low, self.high = space.low.astype(np.float32), space.high.astype(np.float32)
+        self.mid, self.half = (self.high + self.low) / 2, (self.high - self.low) / 2
         self.t = 0
         self._draw()
 
@@ -207,8 +208,7 @@ class GaitPolicy:
             self._draw()
         wave = self.amp * np.sin(self.omega * self.t + self.phase) + self.offset
         self.t += 1
-        mid, half = (self.high + self.low) / 2, (self.high - self.low) / 2
-        a = mid + half * (wave + self.noise * self.rng.standard_normal(len(wave)))
+        a = self.mid + self.half * (wave + self.noise * self.rng.standard_normal(len(wave)))
         return np.clip(a, self.low, self.high).astype(np.float32)
 
 
