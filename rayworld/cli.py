@@ -279,6 +279,10 @@ def _run_stages(args, cfg, out: Path):
     iterations = getattr(args, "iterations", 1)
     if iterations < 1:
         raise ValueError(f"--iterations {iterations}: expected 1 or more")
+    if iterations > 1 and cfg.evolve.generations == 0:
+        # each round resumes CMA-ES for more generations; 0 x N would count as done at once
+        raise ValueError(f"--iterations {iterations} needs evolve.generations > 0 "
+                         "(got 0): each round evolves the controller further")
     for it in range(iterations):
         step_cfg = iteration_config(cfg, it)
         for stage in stages:

@@ -7,6 +7,7 @@ logged data only, never from the real env; after that, CMA-ES trains it in the d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,11 @@ def best_episodes(episodes: Manifest, series: Manifest, top: float) -> list[int]
 
 
 def fit_controller(controller, z, h, actions, epochs: int = 30, batch: int = 1024,
-                   lr: float = 3e-3, seed: int = 0) -> float:
+                   lr: float = 3e-3, seed: int = 0, min_steps: int = 600) -> float:
     """Fit in place by Adam: MSE on continuous actions, cross-entropy on discrete ones.
-    Returns the last epoch's mean loss."""
+    Runs more epochs than asked when needed to take min_steps Adam steps (a few hundred
+    samples would otherwise get one step per epoch). Returns the last epoch's mean loss."""
+    epochs = max(epochs, math.ceil(min_steps / math.ceil(len(z) / batch)))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(controller.parameters(), lr=lr)
     loss_sum = 0.0

@@ -44,10 +44,11 @@ class CollectConfig:
     episodes: int = 64
     max_steps: int = 300  # per episode; the env may end it earlier
     # rayworld.policies: random, brownian, drive (gas-biased, for cars), track (a scripted road
-    # follower), gait (sine waves per joint, for DMC bodies), random_controller (the paper's:
-    # small random weights on [z, h]), controller (the evolved one plus `noise`)
-    policy: Literal["random", "brownian", "drive", "track", "gait", "random_controller",
-                    "controller"] = "brownian"
+    # follower), gait (sine waves per joint, for DMC bodies), paddle (Breakout: the paddle goes
+    # where the ball will land), random_controller (the paper's: small random weights on
+    # [z, h]), controller (the evolved one plus `noise`)
+    policy: Literal["random", "brownian", "drive", "track", "gait", "paddle",
+                    "random_controller", "controller"] = "brownian"
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
     gas: float = 0.7  # drive, track: the gas level the walk reverts to
     noise: float = 0.1  # controller: exploration noise std (discrete: random-action probability)
@@ -71,6 +72,9 @@ class VAEConfig:
     latent: int = 32
     beta: float = 1.0
     kl_tolerance: float = 0.5  # free bits: KL below kl_tolerance * latent is not penalised
+    # extra weight on pixels that differ from the batch's median frame (moving objects: a
+    # Breakout ball and paddle); 0: the paper's plain L2
+    foreground_weight: float = 0.0
     kl_warmup_steps: int = 0
     lr: float = 1e-3
     encoder_lr: float = 0.0  # 0: lr
@@ -296,7 +300,7 @@ def _validate(cfg: Config):
                        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps,
                        **{f"{m}.{k}": getattr(getattr(cfg, m), k) for m, keys in
                           {"vae": ("encoder_lr", "decoder_lr", "grad_clip", "warmup_steps",
-                                   "min_lr"),
+                                   "min_lr", "foreground_weight"),
                            "mdn": ("dynamics_lr", "head_lr", "grad_clip", "warmup_steps",
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:

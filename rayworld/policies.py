@@ -14,6 +14,9 @@
   with the episode's own period, amplitude, phase and offset, plus noise, and now and then the
   episode switches to a new gait. Rhythm moves a body where a random walk only twitches it, so
   the data shows running at many speeds, and falling over, for the model to learn from.
+- `paddle`: for Breakout: moves the paddle to where the falling ball will land, found from the
+  ball's position in this frame and the last, with each episode's own aim and lapse rate. A
+  random walk returns the ball about once a life, so its data barely shows a hit being paid.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
   episode, acting through the run's VAE and MDN-RNN.
 - `controller`: the evolved controller, plus Gaussian exploration noise (`collect.noise`).
@@ -30,7 +33,8 @@ import numpy as np
 import torch
 
 CONTROLLER = "controller.pt"
-KINDS = ("random", "brownian", "drive", "track", "gait", "random_controller", "controller")
+KINDS = ("random", "brownian", "drive", "track", "gait", "paddle", "random_controller",
+         "controller")
 MODEL_KINDS = ("random_controller", "controller")  # these need a trained VAE and MDN-RNN
 
 
@@ -212,6 +216,53 @@ class GaitPolicy:
         return np.clip(a, self.low, self.high).astype(np.float32)
 
 
+class PaddlePolicy:
+    """Breakout on 64x64 frames (see the module docstring): walls at columns 0-2 and 60-63,
+    the ball between the bricks (rows 17-28) and the paddle (rows 56-59). When the ball falls,
+    the aim is where its straight line from the last frame meets the paddle row, folded at the
+    walls. Each episode draws an aim offset (the paddle's edge sends the ball at an angle) and a
+    lapse rate: on a lapse step it acts like `brownian`."""
+
+    LEFT_WALL, RIGHT_WALL, PADDLE_ROW = 3, 60, 57
+    NOOP, RIGHT, LEFT = 0, 2, 3  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
+
+    def __init__(self, space, rng: np.random.Generator):
+        if getattr(space, "n", None) != 4:
+            raise ValueError(f"collect.policy paddle needs Breakout's 4 actions (NOOP, FIRE, "
+                             f"RIGHT, LEFT), this env has {space}; use brownian")
+        self.rng, self.walk = rng, BrownianPolicy(space, rng, 0.0)
+        self.offset = rng.uniform(-3, 3)
+        self.lapse = rng.uniform(0, 0.4)
+        self.ball = None
+
+    def locate(self, obs):
+        """(paddle column, ball (row, column)), either None when not in the frame."""
+        lit = np.asarray(obs)[:, self.LEFT_WALL:self.RIGHT_WALL].astype(np.int16).sum(-1) > 60
+        paddle = np.nonzero(lit[56:60].any(0))[0]
+        ball = np.argwhere(lit[29:56])
+        return (paddle.mean() + self.LEFT_WALL if len(paddle) else None,
+                ball.mean(0) + (29, self.LEFT_WALL) if len(ball) else None)
+
+    def landing(self, ball) -> float:
+        aim = ball[1]
+        if self.ball is not None and ball[0] > self.ball[0]:  # falling
+            vy, vx = ball - self.ball
+            aim = ball[1] + vx * (self.PADDLE_ROW - ball[0]) / vy
+            lo, hi = float(self.LEFT_WALL), float(self.RIGHT_WALL - 1)
+            while not lo <= aim <= hi:  # fold at the walls
+                aim = 2 * lo - aim if aim < lo else 2 * hi - aim
+        return aim + self.offset
+
+    def __call__(self, obs):
+        paddle, ball = self.locate(obs)
+        walk = self.walk(obs)  # advanced every step, so a lapse continues its own walk
+        aim = self.landing(ball) if ball is not None else None
+        self.ball = ball
+        if paddle is None or aim is None or self.rng.random() < self.lapse:
+            return walk
+        return self.RIGHT if aim > paddle + 1 else self.LEFT if aim < paddle - 1 else self.NOOP
+
+
 def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
     """A model-free collection policy, seeded per episode."""
     rng = np.random.default_rng([seed, 7])
@@ -225,6 +276,8 @@ def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
         return TrackPolicy(space, rng, sigma, gas)
     if kind == "gait":
         return GaitPolicy(space, rng, sigma)
+    if kind == "paddle":
+        return PaddlePolicy(space, rng)
     raise ValueError(f"unknown policy {kind!r}; known: {', '.join(KINDS)}")
 
 

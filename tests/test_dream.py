@@ -160,6 +160,16 @@ def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
     assert read_json(run / "report.json")["evaluated_generation"] == 12
 
 
+def test_iterations_without_generations_are_refused(tiny_run, capsys):
+    """0 generations x N rounds would count evolve as done and keep round 1's controller."""
+    before = (tiny_run / "checkpoints" / "controller.pt").read_bytes()
+    assert main(["pipeline", "--out", str(tiny_run), "--iterations", "2",
+                 "--set", "evolve.generations=0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "evolve.generations > 0" in err, err
+    assert (tiny_run / "checkpoints" / "controller.pt").read_bytes() == before
+
+
 def test_done_probability_undoes_the_positive_weight():
     from rayworld.models.mdn import MDNRNN
 

@@ -86,6 +86,26 @@ def test_vae_loss_values():
     assert out["loss"].item() == pytest.approx(12.0 + 2.0 * 2.25)
 
 
+def test_vae_foreground_weight_charges_the_pixels_that_move():
+    from rayworld.models.vae import foreground
+
+    x = torch.zeros(5, 3, 4, 4)
+    for i in range(5):
+        x[i, :, i % 4, 1] = 1.0  # a "ball" in a new row of each frame; the rest is static
+    mask = foreground(x)
+    assert mask.shape == (5, 1, 4, 4) and mask.sum().item() == 5  # the ball, nothing else
+    assert mask[2, 0, 2, 1] == 1.0 and mask[2, 0, 0, 0] == 0.0
+    mu, logvar = torch.zeros(5, 2), torch.zeros(5, 2)
+    blank = torch.zeros_like(x)  # a reconstruction that drops the ball
+    plain = vae_loss(x, blank, mu, logvar, kl_tolerance=0.0)["recon"].item()
+    weighted = vae_loss(x, blank, mu, logvar, kl_tolerance=0.0, foreground_weight=9.0)
+    assert plain == pytest.approx(3.0) and weighted["recon"].item() == pytest.approx(30.0)
+    static = x.clone()  # an error on a static pixel costs the same either way
+    static[:, 0, 3, 3] = 0.5
+    assert vae_loss(static, x, mu, logvar, kl_tolerance=0.0, foreground_weight=9.0)[
+        "recon"].item() == pytest.approx(0.25)
+
+
 def test_vae_free_bits_clamp():
     x = torch.zeros(2, 3, 4, 4)
     x_hat = torch.full_like(x, 0.5)

@@ -45,13 +45,25 @@ class ConvVAE(nn.Module):
         return self.decode(z), mu, logvar
 
 
-def vae_loss(x, x_hat, mu, logvar, beta: float = 1.0, kl_tolerance: float = 0.5) -> dict:
+def foreground(x: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """1 where a pixel differs from the batch's per-pixel median frame (the static screen)."""
+    background = x.median(dim=0).values
+    return ((x - background).abs().sum(1, keepdim=True) > threshold).to(x.dtype)
+
+
+def vae_loss(x, x_hat, mu, logvar, beta: float = 1.0, kl_tolerance: float = 0.5,
+             foreground_weight: float = 0.0) -> dict:
     """Paper loss: per-image summed L2 plus KL with free bits.
 
     As in the paper's code the free-bits floor is applied per sample before the
     batch mean, so samples already under the floor contribute no KL gradient.
+    foreground_weight > 0 adds that multiple of the error on pixels that differ from the
+    batch's median frame: a ball of two pixels otherwise costs less than the KL of coding it.
     """
-    recon = (x_hat - x).pow(2).flatten(1).sum(1).mean()
+    err = (x_hat - x).pow(2)
+    if foreground_weight > 0:
+        err = err * (1 + foreground_weight * foreground(x))
+    recon = err.flatten(1).sum(1).mean()
     kl_per = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
     kl_clamped = torch.clamp(kl_per, min=kl_tolerance * mu.shape[1]).mean()
     return {"loss": recon + beta * kl_clamped, "recon": recon, "kl": kl_per.mean()}

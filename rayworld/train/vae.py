@@ -45,15 +45,18 @@ def make_stepper(model, v, total_steps: int, device):
     return Stepper(model, groups, v, total_steps, device)
 
 
-def step_losses(model, x: torch.Tensor, beta: float, kl_tolerance: float) -> dict:
+def step_losses(model, x: torch.Tensor, beta: float, kl_tolerance: float,
+                foreground_weight: float = 0.0) -> dict:
     """Forward and loss of one micro-batch; the loss itself is summed in float32 under AMP."""
     from rayworld.models.vae import vae_loss
 
     x_hat, mu, logvar = model(x)
-    return vae_loss(x, x_hat.float(), mu.float(), logvar.float(), beta, kl_tolerance)
+    return vae_loss(x, x_hat.float(), mu.float(), logvar.float(), beta, kl_tolerance,
+                    foreground_weight)
 
 
-def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1):
+def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1,
+             foreground_weight: float = 0.0):
     """Sums over held-out frames: loss, recon, kl, PSNR, SSIM; plus every stride-th frame (16)."""
     from rayworld.metrics import psnr, ssim
     from rayworld.models.vae import vae_loss
@@ -65,7 +68,7 @@ def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1
         for batch in iter_frames(files, obs_shape, batch_size):
             x = _to_x(batch, device)
             x_hat, mu, logvar = model(x)
-            losses = vae_loss(x, x_hat, mu, logvar, beta, kl_tol)
+            losses = vae_loss(x, x_hat, mu, logvar, beta, kl_tol, foreground_weight)
             n = len(x)
             for k in ("loss", "recon", "kl"):
                 sums[k] += float(losses[k]) * n
@@ -128,7 +131,7 @@ def train_loop(config: dict):
             x = _to_x(batch, device)
             beta = kl_beta(global_step, v.beta, v.kl_warmup_steps)
             with stepper.micro_batch():
-                losses = step_losses(model, x, beta, v.kl_tolerance)
+                losses = step_losses(model, x, beta, v.kl_tolerance, v.foreground_weight)
                 msg = common.nonfinite(losses, "vae", epoch, i, run_dir)
                 if common.stop_all_ranks(msg, run_dir, "vae", device):
                     stopped = True
@@ -143,7 +146,8 @@ def train_loop(config: dict):
         sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val, sample = evaluate(model, my_val, obs_shape, 256, device,
                                kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance,
-                               stride=max(1, val_frames // 16))
+                               stride=max(1, val_frames // 16),
+                               foreground_weight=v.foreground_weight)
         val = common.allreduce_sum(val, device)
         n = max(val["n"], 1.0)
         metrics = {
