@@ -238,6 +238,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"rayworld: {e}", file=sys.stderr)
         return 2
+    problem = _iterations_problem(getattr(args, "iterations", 1), cfg)
+    if problem:  # before anything is written to --out
+        print(f"rayworld {args.command}: {problem}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for d in ("data", "checkpoints", "tensorboard", "images"):
@@ -259,6 +263,16 @@ def main(argv=None) -> int:
     return _with_ray(args.command, cfg, args.address, lambda: _run_stages(args, cfg, out))
 
 
+def _iterations_problem(iterations: int, cfg) -> str:
+    if iterations < 1:
+        return f"--iterations {iterations}: expected 1 or more"
+    if iterations > 1 and cfg.evolve.generations == 0:
+        # each round resumes CMA-ES for more generations; 0 x N would count as done at once
+        return (f"--iterations {iterations} needs evolve.generations > 0 (got 0): each round "
+                "evolves the controller further")
+    return ""
+
+
 def _diagnose(cfg, out: Path):
     from rayworld.diagnose import diagnose
     from rayworld.summary import write_summary
@@ -277,12 +291,6 @@ def _run_stages(args, cfg, out: Path):
     stages = STAGES if args.command == "pipeline" else (args.command,)
     t0 = time.perf_counter()
     iterations = getattr(args, "iterations", 1)
-    if iterations < 1:
-        raise ValueError(f"--iterations {iterations}: expected 1 or more")
-    if iterations > 1 and cfg.evolve.generations == 0:
-        # each round resumes CMA-ES for more generations; 0 x N would count as done at once
-        raise ValueError(f"--iterations {iterations} needs evolve.generations > 0 "
-                         "(got 0): each round evolves the controller further")
     for it in range(iterations):
         step_cfg = iteration_config(cfg, it)
         for stage in stages:

@@ -305,6 +305,10 @@ def _validate(cfg: Config):
                                    "min_lr")}.items() for k in keys}}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value >= 0")
+    if cfg.vae.foreground_weight > 0 and cfg.vae.batch_size < 3:
+        raise ConfigError(f"config key 'vae.batch_size': got {cfg.vae.batch_size}, expected 3 "
+                          "or more with vae.foreground_weight > 0 (the median frame of a "
+                          "smaller batch is the frame itself)")
     if cfg.evolve.anchor > 0 and cfg.evolve.where != "dream":
         raise ConfigError(f"config key 'evolve.anchor': got {cfg.evolve.anchor!r} with "
                           "evolve.where 'real', expected 0 (the anchor is a dream cost)")

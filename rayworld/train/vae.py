@@ -55,8 +55,7 @@ def step_losses(model, x: torch.Tensor, beta: float, kl_tolerance: float,
                     foreground_weight)
 
 
-def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1,
-             foreground_weight: float = 0.0):
+def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1):
     """Sums over held-out frames: loss, recon, kl, PSNR, SSIM; plus every stride-th frame (16)."""
     from rayworld.metrics import psnr, ssim
     from rayworld.models.vae import vae_loss
@@ -68,7 +67,9 @@ def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1
         for batch in iter_frames(files, obs_shape, batch_size):
             x = _to_x(batch, device)
             x_hat, mu, logvar = model(x)
-            losses = vae_loss(x, x_hat, mu, logvar, beta, kl_tol, foreground_weight)
+            # the plain loss: held-out batches are one episode each, so a median frame
+            # there would call different pixels foreground than the shuffled training batches
+            losses = vae_loss(x, x_hat, mu, logvar, beta, kl_tol)
             n = len(x)
             for k in ("loss", "recon", "kl"):
                 sums[k] += float(losses[k]) * n
@@ -146,8 +147,7 @@ def train_loop(config: dict):
         sums = {k: v / world for k, v in common.allreduce_sum(sums, device).items()}
         val, sample = evaluate(model, my_val, obs_shape, 256, device,
                                kl_beta(global_step, v.beta, v.kl_warmup_steps), v.kl_tolerance,
-                               stride=max(1, val_frames // 16),
-                               foreground_weight=v.foreground_weight)
+                               stride=max(1, val_frames // 16))
         val = common.allreduce_sum(val, device)
         n = max(val["n"], 1.0)
         metrics = {
