@@ -224,6 +224,7 @@ class PaddlePolicy:
     lapse rate: on a lapse step it acts like `brownian`."""
 
     LEFT_WALL, RIGHT_WALL, PADDLE_ROW = 3, 60, 57
+    PLAY, PADDLE = slice(29, 56), slice(56, 60)  # rows: below the bricks; the paddle's
     NOOP, RIGHT, LEFT = 0, 2, 3  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
 
     def __init__(self, space, rng: np.random.Generator):
@@ -238,10 +239,10 @@ class PaddlePolicy:
     def locate(self, obs):
         """(paddle column, ball (row, column)), either None when not in the frame."""
         lit = np.asarray(obs)[:, self.LEFT_WALL:self.RIGHT_WALL].astype(np.int16).sum(-1) > 60
-        paddle = np.nonzero(lit[56:60].any(0))[0]
-        ball = np.argwhere(lit[29:56])
+        paddle = np.nonzero(lit[self.PADDLE].any(0))[0]
+        ball = np.argwhere(lit[self.PLAY])
         return (paddle.mean() + self.LEFT_WALL if len(paddle) else None,
-                ball.mean(0) + (29, self.LEFT_WALL) if len(ball) else None)
+                ball.mean(0) + (self.PLAY.start, self.LEFT_WALL) if len(ball) else None)
 
     def landing(self, ball) -> float:
         aim = ball[1]

@@ -85,21 +85,12 @@ def test_paddle_policy_returns_the_ball_where_a_random_walk_misses_it():
     import gymnasium as gym
 
     pytest.importorskip("ale_py")
-    import envs  # noqa: F401  (registers rayworld/Breakout-v0)
+    from envs.registry import make_env
 
-    env = gym.make("rayworld/Breakout-v0", fire_on_life=True)
-    returns = {}
-    for kind in ("paddle", "brownian"):
-        returns[kind] = []
-        for seed in range(12):
-            obs, _ = env.reset(seed=seed)
-            policy, total = make_policy(kind, env.action_space, seed, 0.5), 0.0
-            for _ in range(1000):
-                obs, reward, terminated, truncated, _ = env.step(policy(obs))
-                total += reward
-                if terminated or truncated:
-                    break
-            returns[kind].append(total)
+    env = make_env("rayworld/Breakout-v0", fire_on_life=True)
+    returns = {kind: [run_episode(env, make_policy(kind, env.action_space, seed, 0.5), seed,
+                                  1000)[2].sum() for seed in range(12)]
+               for kind in ("paddle", "brownian")}
     env.close()
     paddle, walk = np.mean(returns["paddle"]), np.mean(returns["brownian"])
     # the data must show hits being paid: constant LEFT, the best constant action, scores ~5.6
