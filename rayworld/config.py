@@ -170,6 +170,9 @@ class EvaluateConfig:
     episodes: int = 32
     max_steps: int = 1000
     seed: int = 100_000  # real-env seeds seed..seed+episodes-1, the same for every policy
+    # merged over env.kwargs wherever a controller is scored in the real env (evaluate, evolve's
+    # real checks, evolve.where: real): the data may end episodes early, the score must not
+    env_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -47,7 +47,7 @@ class RealRunner:
             from envs import make_env
 
             self._env = make_env(self.cfg.env.id, worker_index=self.worker_index,
-                                 **self.cfg.env.kwargs)
+                                 **{**self.cfg.env.kwargs, **self.cfg.evaluate.env_kwargs})
         return self._env
 
     def close(self):

@@ -15,7 +15,7 @@
   episode switches to a new gait. Rhythm moves a body where a random walk only twitches it, so
   the data shows running at many speeds, and falling over, for the model to learn from.
 - `paddle`: for Breakout: moves the paddle to where the falling ball will land, found from the
-  ball's position in this frame and the last, with each episode's own aim and lapse rate. A
+  ball's positions in the last frames, with each episode's own aim and lapse rate. A
   random walk returns the ball about once a life, so its data barely shows a hit being paid.
 - `random_controller`: the paper's: a controller on [z, h] with small random weights, drawn per
   episode, acting through the run's VAE and MDN-RNN.
@@ -217,14 +217,17 @@ class GaitPolicy:
 
 
 class PaddlePolicy:
-    """Breakout on 64x64 frames (see the module docstring): walls at columns 0-2 and 60-63,
-    the ball between the bricks (rows 17-28) and the paddle (rows 56-59). When the ball falls,
-    the aim is where its straight line from the last frame meets the paddle row, folded at the
-    walls. Each episode draws an aim offset (the paddle's edge sends the ball at an angle) and a
-    lapse rate: on a lapse step it acts like `brownian`."""
+    """Breakout on 64x64 frames (see the module docstring): the ball below the bricks (rows
+    29-55) and the paddle (read at rows 57-59, below a dilated ball about to hit it), inside
+    the side walls. The walls are found in each frame (the inner edge of the lit columns at a
+    row below the bricks), so frames dilated by `env.kwargs.dilate` work too. When the ball
+    falls, the aim is where its straight line from two frames back meets the paddle row,
+    folded at the walls. Each episode draws an aim offset
+    (the paddle's edge sends the ball at an angle) and a lapse rate: on a lapse step it acts
+    like `brownian`."""
 
-    LEFT_WALL, RIGHT_WALL, PADDLE_ROW = 3, 60, 57
-    PLAY, PADDLE = slice(29, 56), slice(56, 60)  # rows: below the bricks; the paddle's
+    PADDLE_ROW, WALL_ROW = 57, 40
+    PLAY, PADDLE = slice(29, 56), slice(57, 60)  # rows: below the bricks; the paddle's
     NOOP, RIGHT, LEFT = 0, 2, 3  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
 
     def __init__(self, space, rng: np.random.Generator):
@@ -234,22 +237,32 @@ class PaddlePolicy:
         self.rng, self.walk = rng, BrownianPolicy(space, rng, 0.0)
         self.offset = rng.uniform(-3, 3)
         self.lapse = rng.uniform(0, 0.4)
-        self.ball = None
+        self.ball = self.before = None
+        self.walls = (3, 60)  # the first and one past the last column inside the walls
 
     def locate(self, obs):
         """(paddle column, ball (row, column)), either None when not in the frame."""
-        lit = np.asarray(obs)[:, self.LEFT_WALL:self.RIGHT_WALL].astype(np.int16).sum(-1) > 60
+        lit = np.asarray(obs).astype(np.int16).sum(-1) > 60
+        row = lit[self.WALL_ROW]
+        if row[0] and row[-1]:  # both walls in view: their inner edges
+            self.walls = (int(np.argmin(row)), len(row) - int(np.argmin(row[::-1])))
+        lo, hi = self.walls
+        lit = lit[:, lo:hi]
         paddle = np.nonzero(lit[self.PADDLE].any(0))[0]
         ball = np.argwhere(lit[self.PLAY])
-        return (paddle.mean() + self.LEFT_WALL if len(paddle) else None,
-                ball.mean(0) + (self.PLAY.start, self.LEFT_WALL) if len(ball) else None)
+        return (paddle.mean() + lo if len(paddle) else None,
+                ball.mean(0) + (self.PLAY.start, lo) if len(ball) else None)
 
     def landing(self, ball) -> float:
         aim = ball[1]
         if self.ball is not None and ball[0] > self.ball[0]:  # falling
-            vy, vx = ball - self.ball
+            # over two steps when the ball fell through both: a whole-cell centroid is too
+            # coarse to give the slope from one
+            last = self.before if self.before is not None and self.before[0] < self.ball[0] \
+                else self.ball
+            vy, vx = ball - last
             aim = ball[1] + vx * (self.PADDLE_ROW - ball[0]) / vy
-            lo, hi = float(self.LEFT_WALL), float(self.RIGHT_WALL - 1)
+            lo, hi = float(self.walls[0]), float(self.walls[1] - 1)
             while not lo <= aim <= hi:  # fold at the walls
                 aim = 2 * lo - aim if aim < lo else 2 * hi - aim
         return aim + self.offset
@@ -258,7 +271,7 @@ class PaddlePolicy:
         paddle, ball = self.locate(obs)
         walk = self.walk(obs)  # advanced every step, so a lapse continues its own walk
         aim = self.landing(ball) if ball is not None else None
-        self.ball = ball
+        self.ball, self.before = ball, self.ball
         if paddle is None or aim is None or self.rng.random() < self.lapse:
             return walk
         return self.RIGHT if aim > paddle + 1 else self.LEFT if aim < paddle - 1 else self.NOOP

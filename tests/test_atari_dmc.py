@@ -51,12 +51,59 @@ def test_breakout_fire_on_life_serves_the_ball():
     assert not terminated and info["lives"] == 5  # the ball never came
 
 
+def test_breakout_end_on_life_loss_ends_the_episode_at_the_first_lost_ball():
+    from envs import make_env
+
+    def noop_episode(**kwargs):  # NOOP misses every served ball
+        env = make_env("rayworld/Breakout-v0", fire_on_life=True, **kwargs)
+        env.reset(seed=0)
+        steps, terminated, truncated = 0, False, False
+        while not (terminated or truncated) and steps < 2000:
+            _, _, terminated, truncated, info = env.step(0)
+            steps += 1
+        return env, steps, terminated, info["lives"]
+
+    env, one_life, terminated, lives = noop_episode(end_on_life_loss=True)
+    assert terminated and lives == 4
+    _, info = env.reset(seed=1)
+    assert info["lives"] == 5  # the next episode is a new game
+    _, whole_game, terminated, lives = noop_episode()
+    assert terminated and lives == 0 and whole_game > 4 * one_life
+
+
+def test_breakout_dilate_grows_the_ball_to_cells_a_vae_can_see():
+    from envs.atari import dilate
+    from envs.registry import EnvArgumentError, make_env
+
+    frame = np.zeros((7, 9, 3), np.uint8)
+    frame[0, 4] = 200  # one lit pixel on the top edge
+    grown = dilate(frame, 2)
+    lit = np.argwhere(grown[..., 0] == 200)
+    assert grown.shape == frame.shape and len(lit) == 3 * 5  # the window, cut at the edge
+    assert lit[:, 0].max() == 2 and (lit[:, 1].min(), lit[:, 1].max()) == (2, 6)
+    assert dilate(frame, 0) is frame
+
+    def ball_cells(d):  # lit cells between the bricks and the paddle, the ball in flight
+        env = make_env("rayworld/Breakout-v0", fire_on_life=True, dilate=d)
+        env.reset(seed=0)
+        for _ in range(12):
+            obs, *_ = env.step(0)
+        return int((obs[29:56, 4:60].astype(int).sum(-1) > 60).sum())
+
+    plain, dilated = ball_cells(0), ball_cells(2)
+    assert 1 <= plain <= 2 and dilated >= 4, (plain, dilated)
+    with pytest.raises(EnvArgumentError, match="env.kwargs.dilate: expected an integer"):
+        make_env("rayworld/Breakout-v0", dilate=-1)
+
+
 BREAKOUT_TINY = ["collect.episodes=6", "collect.max_steps=80", "vae.epochs=1", "vae.batch_size=32",
                  "vae.warmup_steps=0", "mdn.epochs=1", "mdn.seq_len=16", "mdn.batch_size=8",
                  "mdn.hidden=32", "evolve.generations=2", "evolve.population=4",
                  "evolve.rollouts=2", "evolve.max_steps=40", "evolve.real_episodes=0",
                  "evaluate.episodes=2", "evaluate.max_steps=100", "ray.cpus_per_worker=1",
-                 "evolve.init=clone"]  # the clone's discrete path: cross-entropy on logits
+                 "evolve.init=clone",  # the clone's discrete path: cross-entropy on logits
+                 # the data ends at a lost ball; whatever scores a controller plays whole games
+                 "env.kwargs.end_on_life_loss=true", "evaluate.env_kwargs.end_on_life_loss=false"]
 
 
 def test_breakout_pipeline_with_discrete_actions(ray_session, tmp_path):
@@ -79,6 +126,14 @@ def test_breakout_pipeline_with_discrete_actions(ray_session, tmp_path):
     assert ctrl["params"].numel() == (32 + 32) * 4 + 4
     report = json.loads((out / "report.json").read_text())
     assert report["episodes"] == 2 and report["real_return_mean"] >= 0
+    from rayworld.config import load_config
+    from rayworld.evaluate import RealRunner
+    from rayworld.policies import run_episode
+
+    runner = RealRunner(str(out), load_config(out / "config.yaml").to_dict())
+    noop = run_episode(runner.env, lambda obs: 0, 0, 2000)
+    assert noop[3][-1] and len(noop[2]) > 100  # all five lives (NOOP: 120 steps), not one (24)
+    runner.close()
     from rayworld.dream import DreamEnv
 
     env = DreamEnv(str(out), max_steps=5)
