@@ -222,9 +222,8 @@ class PaddlePolicy:
     the side walls. The walls are found in each frame (the inner edge of the lit columns at a
     row below the bricks), so frames dilated by `env.kwargs.dilate` work too. When the ball
     falls, the aim is where its straight line from two frames back meets the paddle row,
-    folded at the walls. Each episode draws an aim offset
-    (the paddle's edge sends the ball at an angle) and a lapse rate: on a lapse step it acts
-    like `brownian`."""
+    folded at the walls. Each episode draws an aim offset (the paddle's edge sends the ball at
+    an angle) and a lapse rate: on a lapse step it acts like `brownian`."""
 
     PADDLE_ROW, WALL_ROW = 57, 40
     PLAY, PADDLE = slice(29, 56), slice(57, 60)  # rows: below the bricks; the paddle's
