@@ -28,7 +28,9 @@ from envs.registry import EnvArgumentError
 
 
 def dilate(frame: np.ndarray, d: int) -> np.ndarray:
-    """The max over a (2d+1)x(2d+1) window around each pixel (separable: rows, then columns)."""
+    """The max over a (2d+1)x(2d+1) window around each pixel (separable: rows, then columns).
+    PIL's MaxFilter and numpy's sliding_window_view give the same frames about 6x slower, and
+    this runs on every env step."""
     if d <= 0:
         return frame
     out = frame
@@ -45,7 +47,10 @@ class Atari64(gym.Wrapper):
     def __init__(self, env: gym.Env, fire_on_life: bool = False, dilate: int = 0,
                  end_on_life_loss: bool = False):
         super().__init__(env)
-        self.end_on_life_loss = bool(end_on_life_loss)
+        if not isinstance(end_on_life_loss, bool):
+            raise EnvArgumentError(f"env.kwargs.end_on_life_loss: expected true or false, got "
+                                   f"{end_on_life_loss!r}")
+        self.end_on_life_loss = end_on_life_loss
         if not isinstance(dilate, int) or isinstance(dilate, bool) or not 0 <= dilate <= 8:
             raise EnvArgumentError(f"env.kwargs.dilate: expected an integer number of raw "
                                    f"pixels from 0 to 8, got {dilate!r}")

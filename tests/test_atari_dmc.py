@@ -69,6 +69,10 @@ def test_breakout_end_on_life_loss_ends_the_episode_at_the_first_lost_ball():
     assert info["lives"] == 5  # the next episode is a new game
     _, whole_game, terminated, lives = noop_episode()
     assert terminated and lives == 0 and whole_game > 4 * one_life
+    from envs.registry import EnvArgumentError
+
+    with pytest.raises(EnvArgumentError, match="env.kwargs.end_on_life_loss: expected true"):
+        make_env("rayworld/Breakout-v0", end_on_life_loss="false")
 
 
 def test_breakout_dilate_grows_the_ball_to_cells_a_vae_can_see():
