@@ -51,7 +51,7 @@ def actors_rate(env_id: str, n: int, seconds: float) -> float:
 def vector_rate(env_id: str, n: int, seconds: float) -> float:
     import gymnasium as gym
 
-    import envs
+    import rayworld.envs as envs
 
     vec = gym.vector.AsyncVectorEnv([lambda: envs.make_env(env_id) for _ in range(n)])
     vec.reset(seed=0)

@@ -17,7 +17,7 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 
 def steps_per_s(env_id: str, seconds: float) -> float:
-    from envs import make_env
+    from rayworld.envs import make_env
 
     env = make_env(env_id)
     env.reset(seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -10,8 +11,7 @@ from pathlib import Path
 
 from rayworld.config import ConfigError, load_config, save_config
 from rayworld.io import update_report
-
-STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
+from rayworld.pipeline import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,14 +26,18 @@ def _parser() -> argparse.ArgumentParser:
                         ("dream-gif", "a GIF of one dream rollout beside the same real rollout"),
                         ("diagnose", "open-loop prediction of the world model on held-out "
                                      "episodes: PSNR per horizon, reward and done heads"),
-                        ("pipeline", "every stage in turn, skipping those already complete")]:
+                        ("pipeline", "every stage in turn, skipping those up to date and "
+                                     "redoing those a changed key or input made stale"),
+                        ("status", "each stage of a run: done, resume, stale or missing, "
+                                   "and why")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", help="a YAML preset, e.g. tune_configs/quickstart.yaml")
-        if name in ("evaluate", "diagnose"):
+        if name in ("evaluate", "diagnose", "status"):
             s.add_argument("--run", "--out", dest="out", required=True,
                            help=f"the run directory to {name}")
-            s.add_argument("--episodes", type=int, default=None,
-                           help="real episodes per policy (default: evaluate.episodes)")
+            if name == "evaluate":
+                s.add_argument("--episodes", type=int, default=None,
+                               help="real episodes per policy (default: evaluate.episodes)")
         else:
             s.add_argument("--out", required=True, help="the run directory, e.g. runs/quickstart")
         if name == "dream-gif":
@@ -41,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--seed", type=int, default=0)
         if name == "pipeline":
             s.add_argument("--force", action="store_true",
-                           help="run every stage even if its outputs are complete")
+                           help="run every stage even if it is up to date")
             s.add_argument("--iterations", type=int, default=1,
                            help="N > 1: collect more rollouts with the evolved controller, "
                                 "retrain on all data and evolve again, N times in all")
@@ -69,6 +73,10 @@ def _common_args(s, set_help: str = "override one config key, e.g. --set vae.lr=
     s.add_argument("--address", default=None,
                    help="join an existing Ray cluster (default: $RAY_ADDRESS, else start "
                         "Ray in-process)")
+    s.add_argument("--verbose", action="store_true",
+                   help="show Ray's own log lines too (always in <out>/logs/ray.log)")
+    s.add_argument("--debug", action="store_true",
+                   help="on an error, the whole traceback instead of one line")
 
 
 def resolve_config(args):
@@ -83,119 +91,68 @@ def resolve_config(args):
     return load_config(args.config, args.set, base=base)
 
 
-def init_ray(cfg, address: str | None = None, dashboard: bool | None = None):
-    """Join a cluster when an address is given, else start Ray in this process."""
+def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
+             out: Path | None = None, verbose: bool = False):
+    """Join a cluster when an address is given, else start Ray in this process. With `out`,
+    Ray's own log lines go to out/logs/ray.log (and the console too when verbose)."""
     import ray
 
     if ray.is_initialized():  # e.g. tests, or a notebook that started Ray already
         return False
+    from rayworld import console
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     address = address or os.environ.get("RAY_ADDRESS") or cfg.ray.address
-    if address:
-        ray.init(address=address)
-        return True
     dashboard = cfg.ray.dashboard if dashboard is None else dashboard
-    # no dashboard_port: Ray then tries 8265 and the next 50 ports itself
-    ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-                   object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-                   include_dashboard=dashboard)
-    if dashboard and ctx.dashboard_url:
+    quiet = out is not None and not verbose
+    # configure_logging=False: Ray leaves its logger without a console handler, so what it
+    # logs while starting falls through to stderr, which quiet_start sends to the log file
+    kw = {"configure_logging": False} if quiet else {}
+    with console.quiet_start(out, verbose) if out is not None else contextlib.nullcontext():
+        if address:
+            ctx = ray.init(address=address, **kw)
+        else:  # no dashboard_port: Ray then tries 8265 and the next 50 ports itself
+            ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+                           object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+                           include_dashboard=dashboard, **kw)
+    if out is not None:
+        console.to_file(out, verbose)
+        if not verbose:
+            console.filter_workers(out)
+    if not address and dashboard and ctx.dashboard_url:
         print(f"rayworld: Ray dashboard at http://{ctx.dashboard_url}")
     return True
 
 
-def iteration_config(cfg, it: int):
-    """Iteration `it` (from 0) of iterative training: more episodes, epochs and generations.
-
-    Counts grow with the iteration, so every stage resumes from where the last one stopped:
-    new episodes come from the evolved controller, the models train on with all data, and
-    CMA-ES goes on from its last state in the new world model.
-    """
-    if it == 0:
-        return cfg
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c.collect.episodes *= it + 1
-    c.collect.policy = "controller"
-    c.vae.epochs *= it + 1
-    c.mdn.epochs *= it + 1
-    c.evolve.generations *= it + 1
-    return c
-
-
-def stage_done(stage: str, cfg, out: Path) -> bool:
-    """Whether a stage's outputs are complete for this config, so a pipeline re-run skips it."""
-    import torch
-
-    from rayworld.data import Manifest
-    from rayworld.io import read_json
-
-    ckpt = out / "checkpoints"
-    try:
-        if stage == "collect":
-            manifest = Manifest.load(out / "data")
-            if cfg.source.kind != "env":  # an import is complete once, whatever its size
-                from rayworld.sources import import_complete
-
-                return import_complete(cfg, manifest)
-            return len(manifest.shards) >= cfg.collect.episodes
-        if stage in ("train-vae", "train-mdn"):
-            name, epochs = ("vae", cfg.vae.epochs) if stage == "train-vae" else \
-                ("mdn", cfg.mdn.epochs)
-            return torch.load(ckpt / f"{name}.pt", weights_only=True)["epoch"] >= epochs
-        if stage == "encode":
-            from rayworld.encode import SERIES, vae_id
-
-            series = Manifest.load(out / "data", SERIES)
-            return (series.info.get("vae") == vae_id(ckpt / "vae.pt") and
-                    len(series.shards) >= len(Manifest.load(out / "data").shards))
-        if stage == "evolve":
-            state = torch.load(ckpt / "controller.pt", weights_only=True)
-            return state["generation"] >= cfg.evolve.generations
-        if stage == "evaluate":
-            report = read_json(out / "report.json", {})
-            return report.get("evaluated_generation") == torch.load(
-                ckpt / "controller.pt", weights_only=True)["generation"]
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
-        return False
-    return False
-
-
-def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
-    from rayworld.collect import collect
-    from rayworld.encode import encode
-    from rayworld.evaluate import evaluate
-    from rayworld.evolve import evolve
-    from rayworld.train.mdn import train_mdn
-    from rayworld.train.vae import train_vae
-
-    fn = {"collect": collect, "train-vae": train_vae, "encode": encode,
-          "train-mdn": train_mdn, "evolve": evolve, "evaluate": evaluate}[stage]
-    figures = fn(cfg, out, **kwargs)
-    wall = figures.pop("wall_s")
-    update_report(out, **{k: v for k, v in figures.items() if v is not None},
-                  wall_s={stage: round(wall, 2)})
-    return figures
-
-
-def _with_ray(command: str, cfg, address, fn, dashboard: bool | None = None) -> int:
-    """Run `fn()` with Ray up; a bad config key exits 2, a failed stage 1, each with one line."""
-    started = init_ray(cfg, address, dashboard)
+def _with_ray(args, command: str, cfg, fn, dashboard: bool | None = None) -> int:
+    """Run `fn()` with Ray up; a bad config key exits 2, a failed stage 1, each with one line
+    (`--debug`: the whole traceback)."""
+    out = Path(args.out) if getattr(args, "out", None) else None
+    started = init_ray(cfg, args.address, dashboard, out, args.verbose)
     try:
         fn()
         return 0
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"rayworld: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        if args.debug:
+            raise
         print(f"rayworld {command}: {e}", file=sys.stderr)
+        if out is not None and started:
+            print(f"rayworld {command}: Ray's log is in {out / 'logs' / 'ray.log'}",
+                  file=sys.stderr)
         return 1
     finally:
         if started:
             import ray
 
             ray.shutdown()
+            from rayworld import console
+
+            console.restore()
 
 
 def _run_tune(args) -> int:
@@ -208,7 +165,7 @@ def _run_tune(args) -> int:
         return 2
     data = Path(args.data) if args.data else None
     # Ray Train frees a stopped trial's placement group through the State API (the dashboard).
-    return _with_ray("tune", load_config(base=sw.base), args.address,
+    return _with_ray(args, "tune", load_config(base=sw.base),
                      lambda: run_sweep(sw, Path(args.out), data), dashboard=True)
 
 
@@ -223,8 +180,7 @@ def _run_rllib(args) -> int:
               f"`rayworld pipeline --out {out}` first", file=sys.stderr)
         return 1
     cfg = load_config(base=yaml.safe_load((out / "config.yaml").read_text()))
-    return _with_ray("train-rllib", cfg, args.address,
-                     lambda: train_rllib(out, args.config, args.set))
+    return _with_ray(args, "train-rllib", cfg, lambda: train_rllib(out, args.config, args.set))
 
 
 def main(argv=None) -> int:
@@ -243,14 +199,19 @@ def main(argv=None) -> int:
         print(f"rayworld {args.command}: {problem}", file=sys.stderr)
         return 1
     out = Path(args.out)
+    if args.command == "status" and not (out / "config.yaml").exists():
+        print(f"rayworld status: {out} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     for d in ("data", "checkpoints", "tensorboard", "images"):
         (out / d).mkdir(exist_ok=True)
     if not (out / "config.yaml").exists():
         save_config(cfg, out / "config.yaml")
-    if args.command in ("dream-gif", "diagnose"):  # no Ray needed
+    if args.command in ("dream-gif", "diagnose", "status"):  # no Ray needed
         try:
-            if args.command == "dream-gif":
+            if args.command == "status":
+                _status(cfg, out)
+            elif args.command == "dream-gif":
                 from rayworld.dreamgif import dream_gif
 
                 dream_gif(cfg, out, args.steps, args.seed)
@@ -258,9 +219,11 @@ def main(argv=None) -> int:
                 _diagnose(cfg, out)
             return 0
         except (ValueError, FileNotFoundError) as e:
+            if args.debug:
+                raise
             print(f"rayworld {args.command}: {e}", file=sys.stderr)
             return 1
-    return _with_ray(args.command, cfg, args.address, lambda: _run_stages(args, cfg, out))
+    return _with_ray(args, args.command, cfg, lambda: _run_stages(args, cfg, out))
 
 
 def _iterations_problem(iterations: int, cfg) -> str:
@@ -283,9 +246,18 @@ def _diagnose(cfg, out: Path):
     write_summary(out)
 
 
+def _status(cfg, out: Path):
+    from rayworld.pipeline import statuses
+
+    for st in statuses(cfg, out).values():
+        print(st)
+
+
 def _run_stages(args, cfg, out: Path):
-    """One stage, or every stage of the pipeline (N iterations), skipping complete ones."""
+    """One stage, or every stage of the pipeline (N iterations): what is up to date is
+    skipped, what a changed key or input made stale is set aside and redone."""
     from rayworld.dreamgif import dream_gif
+    from rayworld.pipeline import iteration_config, prepare, run_stage, warn_by_hand
     from rayworld.summary import write_summary
 
     stages = STAGES if args.command == "pipeline" else (args.command,)
@@ -302,9 +274,9 @@ def _run_stages(args, cfg, out: Path):
                                      "this run's env.id is empty (data-only source)")
                 print(f"rayworld pipeline: no env (env.id is empty), skipping {stage}")
                 continue
-            if args.command == "pipeline" and not args.force and \
-                    stage_done(stage, step_cfg, out):
-                print(f"rayworld pipeline: {stage} is complete, skipping it")
+            if args.command != "pipeline":
+                warn_by_hand(stage, step_cfg, out)
+            elif not prepare(stage, step_cfg, out, skip_done=not args.force):
                 continue
             kwargs = {"episodes": getattr(args, "episodes", None)} \
                 if stage == "evaluate" else {}

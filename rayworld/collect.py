@@ -1,8 +1,9 @@
 """Stage 1, collect: Ray actors run episodes in headless envs and write one Parquet shard each.
 
-Episode i always uses env seed `collect.seed + i` and the same policy seed, so a re-run that
-redoes an episode reproduces it. A re-run into the same run directory checks every shard,
-replaces corrupt ones, and collects only the missing episodes.
+Episode i always uses env seed `collect.seed + i`, the same policy seed and the same policy
+(`episode_policy`), so a re-run that redoes an episode reproduces it. A re-run into the same
+run directory checks every shard, replaces corrupt ones, and collects only the missing
+episodes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,17 @@ import ray
 
 from rayworld.actors import close_and_kill, task_result
 from rayworld.config import Config
-from rayworld.data import Manifest, ShardError, ShardLog, open_shard, shard_name, write_episode
+from rayworld.data import (
+    EPISODES_DIR,
+    Manifest,
+    ShardError,
+    ShardLog,
+    check_shards,
+    env_info,
+    figures,
+    shard_name,
+    write_episode,
+)
 from rayworld.policies import (
     MODEL_KINDS,
     make_policy,
@@ -23,9 +34,6 @@ from rayworld.policies import (
     require_world_model,
     run_episode,
 )
-
-EPISODES_DIR = "episodes"
-
 
 # ---------------------------------------------------------------- the actor
 
@@ -60,7 +68,7 @@ class Collector:
                                           cfg.collect.noise)
 
     def _make_env(self):
-        from envs import make_env
+        from rayworld.envs import make_env
 
         return make_env(self.env_id, worker_index=self.worker_index, **self.env_kwargs)
 
@@ -69,24 +77,25 @@ class Collector:
             env, self.env = self.env, None
             env.close()
 
-    def _episode(self, seed: int, max_steps: int):
+    def _episode(self, seed: int, max_steps: int, kind: str):
         if self.env is None:
             self.env = self._make_env()
-        if self.agent is not None:
+        if self.agent is not None and kind == self.policy:
             self.agent.reseed(seed)
             self.agent.reset()
             policy = self.agent
         else:
-            policy = make_policy(self.policy, self.env.action_space, seed, self.sigma, self.gas)
+            policy = make_policy(kind, self.env.action_space, seed, self.sigma, self.gas)
         return run_episode(self.env, policy, seed, max_steps)
 
-    def run(self, episode: int, seed: int, max_steps: int) -> dict:
-        from envs.registry import SimulatorError
+    def run(self, episode: int, seed: int, max_steps: int, kind: str | None = None) -> dict:
+        from rayworld.envs.registry import SimulatorError
 
         start = time.perf_counter()
         for attempt in range(self.env_retries + 1):
             try:
-                obs, actions, rewards, terms, truncs = self._episode(seed, max_steps)
+                obs, actions, rewards, terms, truncs = self._episode(seed, max_steps,
+                                                                     kind or self.policy)
                 break
             except SimulatorError as e:
                 self.close()  # the next try connects afresh and starts the episode over
@@ -97,7 +106,7 @@ class Collector:
         name = shard_name(episode)
         size = write_episode(self.out_dir / name, episode, obs, actions, rewards, terms, truncs,
                              meta={"env_id": self.env_id, "episode": episode, "seed": seed,
-                                   "policy": self.policy},
+                                   "policy": kind or self.policy},
                              compression=self.compression)
         from rayworld.telemetry import record
 
@@ -110,73 +119,26 @@ class Collector:
 
 # ---------------------------------------------------------------- the driver
 
-def env_info(cfg: Config) -> dict:
-    """What a data directory's shards must agree on, read off a real env."""
-    from envs import make_env
+def episode_policy(c, episode: int) -> str:
+    """Episode i's policy: one of `collect.mix` with its share's chance, else `collect.policy`.
 
-    env = make_env(cfg.env.id, **cfg.env.kwargs)
-    try:
-        space = env.action_space
-        action_dim = 1 if hasattr(space, "n") else int(np.prod(space.shape))
-        return {"env_id": cfg.env.id, "obs_shape": list(env.observation_space.shape),
-                "action_dim": action_dim, "discrete": hasattr(space, "n"),
-                "action_n": int(getattr(space, "n", 0))}
-    finally:
-        env.close()
-
-
-def check_shards(manifest: Manifest, log=print) -> int:
-    """Drop manifest entries whose file is missing or unreadable, adopt complete orphans.
-
-    Every page is read with its checksum verified, so a corrupt shard is found here and
-    collected again. Returns the number of shards dropped.
+    Drawn from the episode's own seed, so it never depends on which episodes exist already.
     """
-    ep_dir = manifest.root / EPISODES_DIR
-    ep_dir.mkdir(parents=True, exist_ok=True)
-    for tmp in ep_dir.glob(".*.tmp"):  # left by a writer that died mid-file
-        tmp.unlink()
-    dropped = 0
-    listed = {manifest.root / s["file"] for s in manifest.shards.values()}
-    for episode in sorted(manifest.shards):
-        path = manifest.file(episode)
-        try:
-            table = open_shard(path).read()
-            if table.num_rows != manifest.shards[episode]["steps"]:
-                raise ShardError(f"{path}: {table.num_rows} rows, manifest says "
-                                 f"{manifest.shards[episode]['steps']}")
-        except ShardError as e:
-            log(f"replacing shard: {e}")
-            path.unlink(missing_ok=True)
-            del manifest.shards[episode]
-            dropped += 1
-    for path in sorted(ep_dir.glob("ep-*.parquet")):
-        if path in listed:
-            continue
-        try:  # finished by an actor, but the driver stopped before listing it
-            table = open_shard(path).read(columns=["episode", "reward"])
-            episode = int(table.column("episode")[0].as_py())
-            if path.name != shard_name(episode):
-                raise ShardError(f"{path}: holds episode {episode}")
-            manifest.shards[episode] = {
-                "file": f"{EPISODES_DIR}/{path.name}", "steps": table.num_rows,
-                "return": float(np.sum(table.column("reward").to_numpy())),
-                "bytes": path.stat().st_size}
-        except (ShardError, IndexError) as e:
-            log(f"removing unusable shard: {e}")
-            path.unlink(missing_ok=True)
-    return dropped
+    u = np.random.default_rng([c.seed + episode, 3]).random()
+    for kind, share in sorted(c.mix.items()):
+        if u < share:
+            return kind
+        u -= share
+    return c.policy
 
 
 def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     """Collect `cfg.collect.episodes` episodes into run_dir/data; returns the stage's figures.
 
     Only missing episodes are collected, with `cfg.collect.policy` (iterative training sets it
-    to "controller" for the episodes it adds).
+    to "controller" for the episodes it adds). A dataset source is imported instead, by
+    `rayworld.pipeline.collect_stage`.
     """
-    if cfg.source.kind != "env":  # a dataset converted to shards, not rollouts
-        from rayworld.sources import import_source
-
-        return import_source(cfg, Path(run_dir), log)
     start = time.perf_counter()
     data_dir = Path(run_dir) / "data"
     info = env_info(cfg)
@@ -214,20 +176,10 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
     return stats
 
 
-def figures(manifest: Manifest, episodes_new: int, steps_new: int, wall: float,
-            steps_per_s: float | None) -> dict:
-    """The collect stage's figures for report.json, whatever the source."""
-    return {"episodes": len(manifest.shards), "frames_collected": manifest.frames,
-            "episodes_new": episodes_new, "env_steps_new": steps_new,
-            "env_steps_per_s": steps_per_s,
-            "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
-            "wall_s": wall}
-
-
 def _check_last_actor_env(cfg: Config, n_actors: int):
     """Envs with a server per actor: fail here, in one line, if the last actor has no server."""
-    from envs import make_env
-    from envs.registry import spec
+    from rayworld.envs import make_env
+    from rayworld.envs.registry import spec
 
     if n_actors > 1 and spec(cfg.env.id).takes_worker_index:
         make_env(cfg.env.id, worker_index=n_actors - 1, **cfg.env.kwargs).close()
@@ -235,14 +187,14 @@ def _check_last_actor_env(cfg: Config, n_actors: int):
 
 def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
     """Keep two episodes queued per actor; record each finished shard in the manifest."""
-    from envs.registry import EnvArgumentError, SimulatorError
+    from rayworld.envs.registry import EnvArgumentError, SimulatorError
 
     queue_ = list(reversed(todo))
     pending = {}
     for actor in actors * 2:
         if queue_:
             episode = queue_.pop()
-            pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
+            pending[_run(actor, episode, c)] = actor
     shards = ShardLog(manifest, len(todo), "collect", "steps_per_s")
     try:
         while pending:
@@ -253,7 +205,11 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
             shards.add([result])
             if queue_:
                 episode = queue_.pop()
-                pending[actor.run.remote(episode, c.seed + episode, c.max_steps)] = actor
+                pending[_run(actor, episode, c)] = actor
     finally:
         shards.close()
     return shards.steps
+
+
+def _run(actor, episode: int, c):
+    return actor.run.remote(episode, c.seed + episode, c.max_steps, episode_policy(c, episode))

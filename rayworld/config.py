@@ -52,6 +52,9 @@ class CollectConfig:
     brownian_sigma: float = 0.5  # std of the action's random walk per sqrt(second)
     gas: float = 0.7  # drive, track: the gas level the walk reverts to
     noise: float = 0.1  # controller: exploration noise std (discrete: random-action probability)
+    # shares of the episodes that use another model-free policy, e.g. {drive: 0.25}: expert
+    # data alone never shows what an action does away from the expert's states
+    mix: dict = field(default_factory=dict)
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`
     # An env whose simulator server fails (CARLA) is rebuilt and the episode redone this often
@@ -318,6 +321,17 @@ def _validate(cfg: Config):
     if not 0 < cfg.evolve.clone_top <= 1:
         raise ConfigError(f"config key 'evolve.clone_top': got {cfg.evolve.clone_top!r}, "
                           "expected a fraction in (0, 1]")
+    model_free = ("random", "brownian", "drive", "track", "gait", "paddle")
+    for name, share in cfg.collect.mix.items():
+        if name not in model_free:
+            raise ConfigError(f"config key 'collect.mix.{name}': expected a model-free policy, "
+                              f"one of {', '.join(model_free)}")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"config key 'collect.mix.{name}': got {share!r}, expected a share "
+                              "of the episodes in (0, 1]")
+    if sum(cfg.collect.mix.values()) > 1:
+        raise ConfigError(f"config key 'collect.mix': shares sum to {sum(cfg.collect.mix.values())}"
+                          ", expected at most 1")
     for name, amount in cfg.collect.actor_resources.items():
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ConfigError(f"config key 'collect.actor_resources.{name}': got {amount!r}, "

@@ -480,3 +480,75 @@ def _pad(a: np.ndarray, length: int) -> np.ndarray:
     if len(a) >= length:
         return a[:length]
     return np.concatenate([a, np.zeros((length - len(a),) + a.shape[1:], np.float32)])
+
+
+# ---------------------------------------------------------------- shared by every data source
+
+EPISODES_DIR = "episodes"
+
+
+def env_info(cfg) -> dict:
+    """What a data directory's shards must agree on, read off a real env."""
+    from rayworld.envs import make_env
+
+    env = make_env(cfg.env.id, **cfg.env.kwargs)
+    try:
+        space = env.action_space
+        action_dim = 1 if hasattr(space, "n") else int(np.prod(space.shape))
+        return {"env_id": cfg.env.id, "obs_shape": list(env.observation_space.shape),
+                "action_dim": action_dim, "discrete": hasattr(space, "n"),
+                "action_n": int(getattr(space, "n", 0))}
+    finally:
+        env.close()
+
+
+def check_shards(manifest: Manifest, log=print) -> int:
+    """Drop manifest entries whose file is missing or unreadable, adopt complete orphans.
+
+    Every page is read with its checksum verified, so a corrupt shard is found here and
+    collected again. Returns the number of shards dropped.
+    """
+    ep_dir = manifest.root / EPISODES_DIR
+    ep_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in ep_dir.glob(".*.tmp"):  # left by a writer that died mid-file
+        tmp.unlink()
+    dropped = 0
+    listed = {manifest.root / s["file"] for s in manifest.shards.values()}
+    for episode in sorted(manifest.shards):
+        path = manifest.file(episode)
+        try:
+            table = open_shard(path).read()
+            if table.num_rows != manifest.shards[episode]["steps"]:
+                raise ShardError(f"{path}: {table.num_rows} rows, manifest says "
+                                 f"{manifest.shards[episode]['steps']}")
+        except ShardError as e:
+            log(f"replacing shard: {e}")
+            path.unlink(missing_ok=True)
+            del manifest.shards[episode]
+            dropped += 1
+    for path in sorted(ep_dir.glob("ep-*.parquet")):
+        if path in listed:
+            continue
+        try:  # finished by an actor, but the driver stopped before listing it
+            table = open_shard(path).read(columns=["episode", "reward"])
+            episode = int(table.column("episode")[0].as_py())
+            if path.name != shard_name(episode):
+                raise ShardError(f"{path}: holds episode {episode}")
+            manifest.shards[episode] = {
+                "file": f"{EPISODES_DIR}/{path.name}", "steps": table.num_rows,
+                "return": float(np.sum(table.column("reward").to_numpy())),
+                "bytes": path.stat().st_size}
+        except (ShardError, IndexError) as e:
+            log(f"removing unusable shard: {e}")
+            path.unlink(missing_ok=True)
+    return dropped
+
+
+def figures(manifest: Manifest, episodes_new: int, steps_new: int, wall: float,
+            steps_per_s: float | None) -> dict:
+    """The collect stage's figures for report.json, whatever the source."""
+    return {"episodes": len(manifest.shards), "frames_collected": manifest.frames,
+            "episodes_new": episodes_new, "env_steps_new": steps_new,
+            "env_steps_per_s": steps_per_s,
+            "return_mean": float(np.mean([s["return"] for s in manifest.shards.values()])),
+            "wall_s": wall}

@@ -44,7 +44,7 @@ class RealRunner:
     @property
     def env(self):
         if self._env is None:
-            from envs import make_env
+            from rayworld.envs import make_env
 
             self._env = make_env(self.cfg.env.id, worker_index=self.worker_index,
                                  **{**self.cfg.env.kwargs, **self.cfg.evaluate.env_kwargs})

@@ -139,7 +139,7 @@ def make_dream_env(env_config: dict):
     kwargs = dict(env_config)
     if "num_envs" in kwargs:
         return DreamVectorEnv(**kwargs)
-    from envs import make_env
+    from rayworld.envs import make_env
 
     return make_env(DREAM_ENV, **kwargs)
 

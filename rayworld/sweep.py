@@ -302,13 +302,13 @@ def _scheduler(s: SweepConfig):
 
 def _prepare_data(sw: Sweep, out: Path, data: Path | None, log) -> Path:
     """The run whose data (and models) every trial shares; builds it in `out` if not given."""
-    from rayworld.cli import run_stage, stage_done
+    from rayworld.pipeline import run_stage, status
 
     stage = sw.sweep.stage
     cfg = load_config(base=sw.base)
     run = Path(data) if data else out
     for need in NEEDS[stage]:
-        if stage_done(need, cfg, run):
+        if status(need, cfg, run).state == "done":
             continue
         if data:
             raise FileNotFoundError(f"--data {data}: {need} is not complete there; run "

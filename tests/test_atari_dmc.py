@@ -35,7 +35,7 @@ def test_mdn_takes_discrete_actions_one_hot():
 
 
 def test_breakout_fire_on_life_serves_the_ball():
-    from envs import make_env
+    from rayworld.envs import make_env
 
     served = make_env("rayworld/Breakout-v0", fire_on_life=True)
     served.reset(seed=0)
@@ -52,7 +52,7 @@ def test_breakout_fire_on_life_serves_the_ball():
 
 
 def test_breakout_end_on_life_loss_ends_the_episode_at_the_first_lost_ball():
-    from envs import make_env
+    from rayworld.envs import make_env
 
     def noop_episode(**kwargs):  # NOOP misses every served ball
         env = make_env("rayworld/Breakout-v0", fire_on_life=True, **kwargs)
@@ -69,15 +69,15 @@ def test_breakout_end_on_life_loss_ends_the_episode_at_the_first_lost_ball():
     assert info["lives"] == 5  # the next episode is a new game
     _, whole_game, terminated, lives = noop_episode()
     assert terminated and lives == 0 and whole_game > 4 * one_life
-    from envs.registry import EnvArgumentError
+    from rayworld.envs.registry import EnvArgumentError
 
     with pytest.raises(EnvArgumentError, match="env.kwargs.end_on_life_loss: expected true"):
         make_env("rayworld/Breakout-v0", end_on_life_loss="false")
 
 
 def test_breakout_dilate_grows_the_ball_to_cells_a_vae_can_see():
-    from envs.atari import dilate
-    from envs.registry import EnvArgumentError, make_env
+    from rayworld.envs.atari import dilate
+    from rayworld.envs.registry import EnvArgumentError, make_env
 
     frame = np.zeros((7, 9, 3), np.uint8)
     frame[0, 4] = 200  # one lit pixel on the top edge
@@ -155,7 +155,7 @@ def test_breakout_pipeline_with_discrete_actions(ray_session, tmp_path):
 @pytest.fixture(scope="module")
 def dmc():
     pytest.importorskip("dm_control", reason="the 'dmc' extra is not installed")
-    from envs import make_env
+    from rayworld.envs import make_env
 
     env = make_env("rayworld/DMC-cheetah-run-v0")
     yield env
@@ -177,7 +177,7 @@ def test_dmc_from_pixels_is_a_checked_gymnasium_env(dmc):
 
 
 def test_dmc_steps_repeat_the_action_and_sum_rewards(dmc):
-    from envs.dmc import DMCPixels
+    from rayworld.envs.dmc import DMCPixels
 
     one = DMCPixels("cartpole", "swingup", action_repeat=1)
     two = DMCPixels("cartpole", "swingup", action_repeat=2)

@@ -24,12 +24,12 @@ from conftest import free_ports
 from gymnasium.utils.env_checker import check_env
 from PIL import Image
 
-from envs import make_env
-from envs.carla import CarlaEnv, CarlaServerError
-from envs.registry import EnvArgumentError, SimulatorError
 from rayworld.collect import Collector
 from rayworld.config import load_config
 from rayworld.data import Manifest, obs_array, open_shard
+from rayworld.envs import make_env
+from rayworld.envs.carla import CarlaEnv, CarlaServerError
+from rayworld.envs.registry import EnvArgumentError, SimulatorError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOUBLE = f"{Path(double.__file__).resolve()}:FakeClient"  # loadable in Ray workers too

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from envs import make_env
 from rayworld.config import load_config
+from rayworld.envs import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "tune_configs" / "carla.yaml"

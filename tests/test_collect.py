@@ -41,7 +41,7 @@ def _assert_exactly_once(run, episodes):
 
 
 def _reference_rewards(cfg, episode):
-    from envs import make_env
+    from rayworld.envs import make_env
 
     env = make_env(cfg.env.id, **cfg.env.kwargs)
     seed = cfg.collect.seed + episode
@@ -139,7 +139,29 @@ def test_interrupted_cli_run_resumes(ray_session, tmp_path):
 
 
 def test_unknown_env_lists_known_ids(ray_session, tmp_path):
-    from envs import UnknownEnvError
+    from rayworld.envs import UnknownEnvError
 
     with pytest.raises(UnknownEnvError, match="rayworld/SimpleDriving-v0"):
         collect(_cfg("env.id=rayworld/Nope-v0"), tmp_path)
+
+
+def test_mix_gives_each_episode_its_policy_and_reproduces_it(ray_session, tmp_path):
+    from rayworld.collect import episode_policy
+
+    cfg = _cfg("collect.policy=track", "collect.mix={drive: 0.5}", "collect.episodes=6")
+    kinds = [episode_policy(cfg.collect, e) for e in range(6)]
+    assert set(kinds) == {"track", "drive"}  # seeds 0..5 draw both
+    collect(cfg, tmp_path)
+    m = _assert_exactly_once(tmp_path, 6)
+    for e in range(6):
+        meta = pq.read_schema(m.file(e)).metadata
+        assert meta[b"rayworld.policy"].decode() == kinds[e]
+        from rayworld.envs import make_env
+
+        env = make_env(cfg.env.id)
+        seed = cfg.collect.seed + e
+        want = run_episode(env, make_policy(kinds[e], env.action_space, seed,
+                                            cfg.collect.brownian_sigma, cfg.collect.gas),
+                           seed, cfg.collect.max_steps)[1]
+        got = np.stack(pq.read_table(m.file(e)).column("action").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, want)

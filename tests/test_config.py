@@ -21,7 +21,7 @@ STAGE_PRESETS = sorted(p for p in (ROOT / "tune_configs").glob("*.yaml")
 
 @pytest.mark.parametrize("path", STAGE_PRESETS, ids=lambda p: p.stem)
 def test_every_preset_builds_its_env_with_its_kwargs(path):
-    from envs import known_env_ids, make_env
+    from rayworld.envs import known_env_ids, make_env
 
     cfg = load_config(path)
     assert cfg.name == path.stem
@@ -66,6 +66,12 @@ def test_bad_value_names_key_and_expected():
         load_config(None, ["evolve.anchor=-1"])
     with pytest.raises(ConfigError, match=r"'evolve.anchor'.*evolve.where 'real'"):
         load_config(None, ["evolve.anchor=1", "evolve.where=real"])
+    with pytest.raises(ConfigError, match=r"'collect.mix.controller'.*model-free"):
+        load_config(None, ["collect.mix={controller: 0.2}"])
+    with pytest.raises(ConfigError, match=r"'collect.mix.drive'.*got 1.5.*\(0, 1\]"):
+        load_config(None, ["collect.mix={drive: 1.5}"])
+    with pytest.raises(ConfigError, match=r"'collect.mix': shares sum to 1.2"):
+        load_config(None, ["collect.mix={drive: 0.6, random: 0.6}"])
 
 
 def test_bad_file_is_named(tmp_path):

@@ -24,7 +24,7 @@ def build_run(run_dir: Path, episodes: int = 4, max_steps: int = 40, latent: int
     SimpleDriving episodes from the drive policy, an untrained ConvVAE and MDNRNN saved as
     export_model saves them, and the episodes encoded by that VAE into the series.
     """
-    from envs.simple_driving import SimpleDrivingEnv
+    from rayworld.envs.simple_driving import SimpleDrivingEnv
     from rayworld.policies import make_policy, run_episode
 
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from rayworld.models.controller import Controller
 
 
 def test_dream_env_passes_check_env(tiny_run):
-    from envs import make_env
+    from rayworld.envs import make_env
 
     env = make_env("rayworld/Dream-v0", run_dir=str(tiny_run), max_steps=20)
     check_env(env, skip_render_check=True)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs import MissingExtraError, UnknownEnvError, known_env_ids, make_env
+import rayworld.envs as envs
+from rayworld.envs import MissingExtraError, UnknownEnvError, known_env_ids, make_env
 
 
 @pytest.mark.parametrize("env_id", ["rayworld/SimpleDriving-v0", "rayworld/CarRacing-v0",
@@ -106,7 +106,7 @@ def test_missing_extra_names_the_extra(monkeypatch):
 
 
 def test_carracing_crop_and_resize():
-    from envs.carracing import to_64
+    from rayworld.envs.carracing import to_64
 
     frame = np.zeros((96, 96, 3), np.uint8)
     frame[84:] = 255  # the dashboard rows must not show up
@@ -185,11 +185,11 @@ def test_simple_driving_pickles_small_and_resumes_identically():
         assert a[1:4] == b[1:4]
 
 
-def test_import_envs_needs_no_optional_modules():
+def test_import_rayworld_registers_the_envs_without_optional_modules():
     import subprocess
 
     code = ("import sys; sys.modules['ale_py'] = None\n"
-            "import envs, gymnasium\n"
+            "import rayworld, gymnasium\n"
             "assert 'Box2D' not in sys.modules and 'torch' not in sys.modules\n"
             "print(gymnasium.make('rayworld/SimpleDriving-v0').reset(seed=0)[0].shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -84,7 +84,59 @@ def test_pipeline_rerun_skips_complete_stages(run, capsys):
     assert _cli("pipeline", "--out", str(run)) == 0
     out = capsys.readouterr().out
     for stage in ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate"):
-        assert f"{stage} is complete, skipping it" in out
+        assert f"{stage} is up to date, skipping it" in out
+
+
+def test_pipeline_redoes_exactly_what_a_changed_key_made_stale(run, tmp_path, capsys):
+    import shutil
+
+    from rayworld.pipeline import STAGES
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert _cli("pipeline", "--out", str(copy)) == 0  # whatever earlier tests did to the run
+    capsys.readouterr()
+
+    def rerun(*sets):
+        args = ["pipeline", "--out", str(copy)]
+        for item in sets:
+            args += ["--set", item]
+        assert _cli(*args) == 0
+        out = capsys.readouterr().out
+        return [s for s in STAGES if f"{s} is up to date, skipping it" not in out], out
+
+    assert rerun()[0] == []
+    ran, out = rerun("evolve.sigma0=0.2")
+    assert ran == ["evolve", "evaluate"]
+    assert "evolve is stale (evolve.sigma0 changed (0.1 -> 0.2)); running it again" in out
+    assert "evaluate is stale (evolve changed since it ran)" in out
+    ctrl = torch.load(copy / "checkpoints" / "controller.pt", weights_only=True)
+    assert ctrl["generation"] == 6  # from scratch, not 6 more on the old state
+    assert list((copy / "checkpoints" / "stale").glob("evolve-*/controller.pt"))
+
+    ran, out = rerun("mdn.lr=0.002")
+    assert ran == ["train-mdn", "evolve", "evaluate"]
+    assert "evolve is stale (train-mdn changed since it ran)" in out
+    assert torch.load(copy / "checkpoints" / "mdn.pt", weights_only=True)["epoch"] == 2
+
+    # what would run is shown before anything runs
+    assert _cli("status", "--run", str(copy), "--set", "vae.kl_tolerance=0.4") == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith("collect: done")
+    assert shown[1] == "train-vae: stale (vae.kl_tolerance changed (0.5 -> 0.4))"
+    assert shown[2] == "encode: stale (train-vae will run first)"
+    ran, out = rerun("vae.kl_tolerance=0.4")
+    assert ran == ["train-vae", "encode", "train-mdn", "evolve", "evaluate"]
+    assert "encode: the VAE changed" in out
+    assert _cli("status", "--run", str(copy)) == 0
+    assert all(line.endswith(": done") for line in capsys.readouterr().out.splitlines())
+
+    # a stage run by hand on a stale input says so in one line, and does what it is told
+    assert _cli("train-vae", "--out", str(copy), "--set", "vae.epochs=2") == 0
+    assert _cli("train-mdn", "--out", str(copy)) == 0
+    err_out = capsys.readouterr().out
+    assert "rayworld train-mdn: warning: encode is stale (train-vae changed since it ran)" \
+        in err_out
 
 
 def test_rerun_resumes_from_last_checkpoint(run):

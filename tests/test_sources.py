@@ -16,9 +16,9 @@ import torch
 from nuscenes_tiny import BACK_COLOR, DARK, FRAMES, KEYFRAMES, SCENES, expected_actions, front_color
 
 from rayworld.cli import main
-from rayworld.collect import collect
 from rayworld.config import load_config
 from rayworld.data import Manifest, list_array, obs_array
+from rayworld.pipeline import collect_stage as collect
 from rayworld.sources import SourceError, gather, import_complete
 from rayworld.sources.nuscenes import load_nuscenes, pose_actions
 
@@ -262,7 +262,7 @@ def test_pipeline_on_nuscenes_trains_vae_and_mdn_and_skips_evolve(ray_session, t
     assert main(["pipeline", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     for stage in ("collect", "train-vae", "encode", "train-mdn"):
-        assert f"{stage} is complete, skipping it" in printed
+        assert f"{stage} is up to date, skipping it" in printed
     # another dataset in the same --out is not skipped as "complete": collect refuses it
     other = tmp_path / "other_root"
     shutil.copytree(tiny_nuscenes, other)

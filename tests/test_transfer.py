@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from envs.simple_driving import SimpleDrivingEnv
 from rayworld.cli import main
 from rayworld.config import load_config
+from rayworld.envs.simple_driving import SimpleDrivingEnv
 from rayworld.policies import make_policy, model_policy, run_episode
 
 
@@ -37,7 +37,7 @@ def test_drive_policy_moves_the_car_where_uniform_gas_and_brake_do_not():
 def test_track_policy_drives_the_carracing_track():
     """Even a noisy episode of the scripted driver collects tiles; uniform actions lose
     points. 400 steps: the 50-step zoom, then most of a lap's first third."""
-    from envs.registry import make_env
+    from rayworld.envs.registry import make_env
 
     env = make_env("rayworld/CarRacing-v0")
     track, rand = [], []
@@ -56,7 +56,7 @@ def test_gait_policy_runs_the_cheetah_where_a_random_walk_twitches():
     import gymnasium as gym
 
     pytest.importorskip("dm_control")  # not .suite: load_task picks the GL backend first
-    from envs.dmc import load_task
+    from rayworld.envs.dmc import load_task
 
     env = load_task("cheetah", "run", 0)
     spec = env.action_spec()
@@ -86,7 +86,7 @@ def test_paddle_policy_returns_the_ball_where_a_random_walk_misses_it():
     import gymnasium as gym
 
     pytest.importorskip("ale_py")
-    from envs.registry import make_env
+    from rayworld.envs.registry import make_env
 
     def mean_return(kind, dilate):
         env = make_env("rayworld/Breakout-v0", fire_on_life=True, dilate=dilate)

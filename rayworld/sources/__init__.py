@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from envs.frames import SIZE as OBS_SIZE  # frames are OBS_SIZE x OBS_SIZE x 3 uint8, as the envs'
+from rayworld.envs.frames import SIZE as OBS_SIZE  # frames are OBS_SIZE x OBS_SIZE x 3 uint8, as the envs'
 
 
 class SourceError(ValueError):
@@ -76,7 +76,7 @@ def import_source(cfg, run_dir: Path, log=print) -> dict:
 
 
 def _check_env_matches(cfg, info: dict):
-    from rayworld.collect import env_info
+    from rayworld.data import env_info
 
     env = env_info(cfg)
     for key in ("obs_shape", "action_dim", "discrete", "action_n"):
@@ -93,8 +93,7 @@ def run_import(cfg, run_dir: Path, info: dict, submit, log=print) -> dict:
     index is the episode number). `submit(todo, out_dir)` starts Ray tasks for the episode
     numbers in `todo` and returns their refs, each resolving to a list of shard entries.
     """
-    from rayworld.collect import EPISODES_DIR, check_shards, figures
-    from rayworld.data import Manifest
+    from rayworld.data import EPISODES_DIR, Manifest, check_shards, figures
 
     start = time.perf_counter()
     data_dir = run_dir / "data"
@@ -187,8 +186,7 @@ def gather(refs: list, total: int, desc: str, manifest=None) -> int | list:
 
 def shard_entry(out_dir: Path, episode: int, steps: int, ret: float, size: int) -> dict:
     """What a conversion task returns for one written shard: a manifest entry."""
-    from rayworld.collect import EPISODES_DIR
-    from rayworld.data import shard_name
+    from rayworld.data import EPISODES_DIR, shard_name
 
     return {"episode": episode, "file": f"{EPISODES_DIR}/{shard_name(episode)}", "steps": steps,
             "return": float(ret), "bytes": size}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.frames import resize64
+from rayworld.envs.frames import resize64
 from rayworld.sources import OBS_SIZE, SourceError, shard_entry, source_info
 
 SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".pt": "torch", ".pth": "torch"}

@@ -7,13 +7,38 @@ absolute paths (Ray Train changes the working directory).
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from rayworld.config import Config
 from rayworld.io import atomic_path
+
+
+def say(line: str):
+    """One line for the console, from a train worker. Ray Train's patched print would send it
+    both to its logger and to stdout, so it showed twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+class Ticker:
+    """Progress within a long epoch: a line every `every` seconds, none for short epochs."""
+
+    def __init__(self, label: str, total: int, every: float = 30.0, on: bool = True):
+        self.label, self.total, self.every, self.on = label, total, every, on
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int):
+        now = time.perf_counter()
+        if self.on and now - self.last >= self.every and 0 < done < self.total:
+            self.last = now
+            left = (now - self.start) / done * (self.total - done)
+            say(f"{self.label}: {done}/{self.total} batches ({100 * done / self.total:.0f}%), "
+                f"about {left:.0f} s left in this epoch")
 
 
 class TrainError(RuntimeError):
@@ -134,7 +159,7 @@ def load_stepper(stepper, state: dict, log_stage: str | None):
         stepper.load_state_dict(state)
     except (ValueError, KeyError) as e:
         if log_stage:
-            print(f"{log_stage}: optimiser state not restored ({e}); moments start fresh")
+            say(f"{log_stage}: optimiser state not restored ({e}); moments start fresh")
 
 
 def report(metrics: dict, state: dict | None):

@@ -116,7 +116,7 @@ def train_loop(config: dict):
         start_epoch, history = state["epoch"], state["history"]
         resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
-            print(f"mdn: resuming after epoch {start_epoch}")
+            common.say(f"mdn: resuming after epoch {start_epoch}")
     model = ray.train.torch.prepare_model(model)
     groups = param_groups(common.unwrap(model), GROUPS,
                           {"dynamics": m.dynamics_lr, "heads": m.head_lr}, m.lr)
@@ -134,7 +134,9 @@ def train_loop(config: dict):
         batches = _batches(series, mine, m, steps, cfg.data.shuffle_buffer,
                            seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
         stopped, lstm_state = False, None
+        tick = common.Ticker(f"mdn epoch {epoch + 1}/{m.epochs}", steps, on=rank == 0)
         for i, (batch, bad) in enumerate(common.guard(prefetch(batches), "mdn")):
+            tick(i)
             # every rank asks before its forward pass, so none is left in a collective
             if common.stop_all_ranks(bad, run_dir, "mdn", device):
                 stopped = True
@@ -164,10 +166,10 @@ def train_loop(config: dict):
                 history.setdefault(k, []).append(float(value))
         ckpt_state = None
         if rank == 0:
-            print(f"mdn epoch {epoch + 1}/{m.epochs}: nll {metrics['nll']:.3f} "
-                  f"reward_mse {metrics['reward_mse']:.4f} done_acc {metrics['done_acc']:.3f} | "
-                  f"val nll {metrics['val_nll']:.3f} done_bce {metrics['val_done_bce']:.3f}",
-                  flush=True)
+            common.say(f"mdn epoch {epoch + 1}/{m.epochs}: nll {metrics['nll']:.3f} "
+                       f"reward_mse {metrics['reward_mse']:.4f} done_acc "
+                       f"{metrics['done_acc']:.3f} | val nll {metrics['val_nll']:.3f} "
+                       f"done_bce {metrics['val_done_bce']:.3f}")
             record("rayworld_train_loss", metrics["loss"], stage="mdn")
             for k, value in metrics.items():
                 writer.add_scalar(f"mdn/{k}", value, epoch + 1)

@@ -111,7 +111,7 @@ def train_loop(config: dict):
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
         resumed = state.get("resumed_from", []) + [start_epoch]
         if rank == 0:
-            print(f"vae: resuming after epoch {start_epoch}")
+            common.say(f"vae: resuming after epoch {start_epoch}")
     model = ray.train.torch.prepare_model(model)
     stepper = make_stepper(model, v, v.epochs * steps // v.grad_accum, device)
     if state is not None:
@@ -124,7 +124,9 @@ def train_loop(config: dict):
         batches = stream_frames(my_train, obs_shape, v.batch_size, steps, cfg.data.shuffle_buffer,
                                 seed=(cfg.seed * 1_000_003 + epoch) * 64 + rank)
         stopped = False
+        tick = common.Ticker(f"vae epoch {epoch + 1}/{v.epochs}", steps, on=rank == 0)
         for i, (batch, bad) in enumerate(common.guard(prefetch(batches), "vae")):
+            tick(i)
             # every rank asks before its forward pass, so none is left in a collective
             if common.stop_all_ranks(bad, run_dir, "vae", device):
                 stopped = True
@@ -162,10 +164,10 @@ def train_loop(config: dict):
                 history.setdefault(k, []).append(float(value))
         ckpt_state = None
         if rank == 0:
-            print(f"vae epoch {epoch + 1}/{v.epochs}: loss {metrics['loss']:.2f} "
-                  f"recon {metrics['recon']:.2f} kl {metrics['kl']:.2f} | held-out PSNR "
-                  f"{metrics['psnr_db']:.2f} dB SSIM {metrics['ssim']:.3f} | "
-                  f"{metrics['images_per_s']:.0f} img/s", flush=True)
+            common.say(f"vae epoch {epoch + 1}/{v.epochs}: loss {metrics['loss']:.2f} "
+                       f"recon {metrics['recon']:.2f} kl {metrics['kl']:.2f} | held-out PSNR "
+                       f"{metrics['psnr_db']:.2f} dB SSIM {metrics['ssim']:.3f} | "
+                       f"{metrics['images_per_s']:.0f} img/s")
             record("rayworld_train_loss", metrics["loss"], stage="vae")
             for k, value in metrics.items():
                 writer.add_scalar(f"vae/{k}", value, epoch + 1)

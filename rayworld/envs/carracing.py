@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.frames import resize64
+from rayworld.envs.frames import resize64
 
 CROP_ROWS = 84
 

@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from envs.registry import EnvArgumentError, SimulatorError, check, is_int
+from rayworld.envs.registry import EnvArgumentError, SimulatorError, check, is_int
 
 
 class CarlaServerError(SimulatorError):

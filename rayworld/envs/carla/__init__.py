@@ -4,7 +4,7 @@ Needs the `carla` client (pip install 'rayworld[carla]') and a running CARLA ser
 docs/carla.md for servers beside the Ray workers.
 """
 
-from envs.carla.env import CarlaEnv
-from envs.carla.server import CarlaServerError
+from rayworld.envs.carla.env import CarlaEnv
+from rayworld.envs.carla.server import CarlaServerError
 
 __all__ = ["CarlaEnv", "CarlaServerError"]

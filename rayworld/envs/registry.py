@@ -56,20 +56,20 @@ class Spec:
 
 
 ENVS = {
-    "rayworld/SimpleDriving-v0": Spec("envs.simple_driving:SimpleDrivingEnv"),
-    "rayworld/CarRacing-v0": Spec("envs.carracing:make_carracing", needs=("Box2D", "pygame")),
-    "rayworld/Breakout-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",),
+    "rayworld/SimpleDriving-v0": Spec("rayworld.envs.simple_driving:SimpleDrivingEnv"),
+    "rayworld/CarRacing-v0": Spec("rayworld.envs.carracing:make_carracing", needs=("Box2D", "pygame")),
+    "rayworld/Breakout-v0": Spec("rayworld.envs.atari:make_atari", "atari", ("ale_py",),
                                  {"game": "Breakout"}),
-    "rayworld/Pong-v0": Spec("envs.atari:make_atari", "atari", ("ale_py",), {"game": "Pong"}),
-    "rayworld/DMC-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",)),
-    "rayworld/DMC-cheetah-run-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+    "rayworld/Pong-v0": Spec("rayworld.envs.atari:make_atari", "atari", ("ale_py",), {"game": "Pong"}),
+    "rayworld/DMC-v0": Spec("rayworld.envs.dmc:DMCPixels", "dmc", ("dm_control",)),
+    "rayworld/DMC-cheetah-run-v0": Spec("rayworld.envs.dmc:DMCPixels", "dmc", ("dm_control",),
                                         {"domain": "cheetah", "task": "run"}),
-    "rayworld/DMC-walker-walk-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+    "rayworld/DMC-walker-walk-v0": Spec("rayworld.envs.dmc:DMCPixels", "dmc", ("dm_control",),
                                         {"domain": "walker", "task": "walk"}),
-    "rayworld/DMC-cartpole-swingup-v0": Spec("envs.dmc:DMCPixels", "dmc", ("dm_control",),
+    "rayworld/DMC-cartpole-swingup-v0": Spec("rayworld.envs.dmc:DMCPixels", "dmc", ("dm_control",),
                                              {"domain": "cartpole", "task": "swingup"}),
     # Needs a CARLA server per env (docs/carla.md); only the client is a pip package.
-    "rayworld/CARLA-v0": Spec("envs.carla:CarlaEnv", "carla", ("carla",), takes_worker_index=True),
+    "rayworld/CARLA-v0": Spec("rayworld.envs.carla:CarlaEnv", "carla", ("carla",), takes_worker_index=True),
     # The world model's dream of a trained run: make_env("rayworld/Dream-v0", run_dir=...)
     "rayworld/Dream-v0": Spec("rayworld.dream:DreamEnv", needs=("torch",)),
 }

@@ -1,7 +1,7 @@
 """rayworld's environments, registered with gymnasium under the `rayworld/` namespace."""
 
-from envs.registry import MissingExtraError, UnknownEnvError, known_env_ids, make_env, register_all
-from envs.simple_driving import SimpleDrivingEnv
+from rayworld.envs.registry import MissingExtraError, UnknownEnvError, known_env_ids, make_env, register_all
+from rayworld.envs.simple_driving import SimpleDrivingEnv
 
 register_all()
 

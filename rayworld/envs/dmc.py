@@ -17,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.frames import SIZE
-from envs.registry import EnvArgumentError, check, is_int
+from rayworld.envs.frames import SIZE
+from rayworld.envs.registry import EnvArgumentError, check, is_int
 
 
 def load_task(domain: str, task: str, seed: int | None):

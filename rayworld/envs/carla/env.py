@@ -25,8 +25,8 @@ import numpy as np
 from gymnasium import spaces
 from PIL import Image
 
-from envs.carla.server import CarlaServerError, describe, load_factory, server_address
-from envs.registry import check, is_int, is_number
+from rayworld.envs.carla.server import CarlaServerError, describe, load_factory, server_address
+from rayworld.envs.registry import check, is_int, is_number
 
 ROLE = "rayworld"  # role_name of everything we spawn, so a later connection can remove leftovers
 CAMERA_MOUNT = carla.Transform(carla.Location(x=1.5, z=2.4), carla.Rotation(pitch=-10.0))

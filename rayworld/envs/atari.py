@@ -23,8 +23,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.frames import resize64
-from envs.registry import EnvArgumentError
+from rayworld.envs.frames import resize64
+from rayworld.envs.registry import EnvArgumentError
 
 
 def dilate(frame: np.ndarray, d: int) -> np.ndarray:

@@ -1,0 +1,301 @@
+"""The pipeline: its stages in order, what each was made from, and which are done or stale.
+
+Every stage records, in `provenance.json` in the run directory, the config keys that shape its
+output and the fingerprints of its inputs (the shards, vae.pt, the latents, mdn.pt,
+controller.pt). Before a stage runs, `status` compares that record with the config and the
+files now:
+
+- done: same keys, same inputs, and the count reached (epochs, generations, episodes);
+- resume: same keys, and the config asks for more epochs, generations or episodes. Training
+  goes on from its checkpoint, on the inputs as they are now: iterative training works so;
+- stale: a key changed, or an input changed while nothing more was asked. The stage's old
+  outputs move to `checkpoints/stale/` and it runs from scratch;
+- missing: it has never run.
+
+Collect only adds: each episode keeps the policy and seed it was collected with, so a changed
+`collect.*` key applies to new episodes (the data's fingerprint changes, and what trained on it
+is stale). `ray.*` keys and evolve's real checks do not change what a stage makes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayworld.io import atomic_write_json, read_json, update_report
+
+STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
+PROVENANCE = "provenance.json"
+
+# the stages each one reads
+INPUTS = {"collect": (), "train-vae": ("collect",), "encode": ("collect", "train-vae"),
+          "train-mdn": ("encode",), "evolve": ("train-vae", "encode", "train-mdn"),
+          "evaluate": ("train-vae", "train-mdn", "evolve")}
+# config keys (a trailing dot: every key under it) that shape each stage's output
+KEYS = {"collect": (), "encode": (),
+        "train-vae": ("seed", "vae.", "data.val_every"),
+        "train-mdn": ("seed", "mdn.", "data.val_every"),
+        "evolve": ("seed", "evolve.", "controller.", "env.", "evaluate.env_kwargs"),
+        "evaluate": ("evaluate.", "controller.z", "env.")}
+# counts that grow (a resume, not a change), and keys that only watch or place the work
+COUNTS = {"train-vae": "vae.epochs", "train-mdn": "mdn.epochs", "evolve": "evolve.generations"}
+IGNORED = ("evolve.real_every", "evolve.real_episodes", "evolve.num_actors",
+           "evolve.gpus_per_actor")
+# what a stale stage sets aside before it runs again
+OUTPUTS = {"train-vae": ("vae.pt", "vae"), "train-mdn": ("mdn.pt", "mdn"),
+           "evolve": ("controller.pt", "evolve_state.pkl")}
+
+
+@dataclass
+class Status:
+    stage: str
+    state: str  # done, resume, stale or missing
+    why: str = ""
+
+    def __str__(self):
+        return f"{self.stage}: {self.state}" + (f" ({self.why})" if self.why else "")
+
+
+def flat(cfg) -> dict:
+    """section.key -> value; a key that holds a dict (env.kwargs) stays one value."""
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def stage_keys(stage: str, cfg) -> dict:
+    """The config keys that shape `stage`'s output, without its count."""
+    keys = flat(cfg)
+    skip = (COUNTS.get(stage), *IGNORED)
+    return {k: v for k, v in sorted(keys.items()) if k not in skip and
+            any(k == p or (p.endswith(".") and k.startswith(p)) for p in KEYS[stage])}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def fingerprint(stage: str, out: Path) -> str | None:
+    """What `stage` made, as it is on disk now; None if it has not made it."""
+    out = Path(out)
+    ckpt = out / "checkpoints"
+    try:
+        if stage in ("collect", "encode"):
+            name = "manifest.json" if stage == "collect" else "series.json"
+            shards = read_json(out / "data" / name)
+            return None if shards is None else _sha(json.dumps(
+                [shards.get("info"), shards.get("shards")], sort_keys=True).encode())
+        file = {"train-vae": "vae.pt", "train-mdn": "mdn.pt", "evolve": "controller.pt"}.get(stage)
+        if file:
+            return _sha((ckpt / file).read_bytes())
+    except FileNotFoundError:
+        return None
+    return None  # evaluate: nothing reads what it makes
+
+
+def count(stage: str, cfg, out: Path) -> tuple[int, int]:
+    """(reached, asked) for the stage's count; raises FileNotFoundError when it has none."""
+    import torch
+
+    from rayworld.data import Manifest
+
+    out = Path(out)
+    if stage == "collect":
+        return len(Manifest.load(out / "data").shards), cfg.collect.episodes
+    if stage == "encode":
+        series = Manifest.load(out / "data", "series.json")
+        return len(series.shards), len(Manifest.load(out / "data").shards)
+    if stage == "evaluate":  # it scored the controller that is there now
+        scored = read_json(out / "report.json", {}).get("evaluated_generation")
+        if scored is None:
+            raise FileNotFoundError(out / "report.json")
+        state = torch.load(out / "checkpoints" / "controller.pt", weights_only=True)
+        return int(scored == state["generation"]), 1
+    name = {"train-vae": "vae.pt", "train-mdn": "mdn.pt", "evolve": "controller.pt"}[stage]
+    state = torch.load(out / "checkpoints" / name, weights_only=True)
+    asked = {"train-vae": cfg.vae.epochs, "train-mdn": cfg.mdn.epochs,
+             "evolve": cfg.evolve.generations}[stage]
+    return int(state["generation" if stage == "evolve" else "epoch"]), asked
+
+
+def status(stage: str, cfg, out: Path) -> Status:
+    """Whether `stage` is done, can resume, is stale or missing in the run `out`, and why."""
+    out = Path(out)
+    if stage == "collect" and cfg.source.kind != "env":
+        return _import_status(cfg, out)
+    try:
+        reached, asked = count(stage, cfg, out)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
+        return Status(stage, "missing")
+    record = read_json(out / PROVENANCE, {}).get(stage)
+    if stage == "encode" and record is None:  # encode checks its VAE itself
+        record = {"keys": {}, "inputs": {}}
+    if record is None:  # a run from before provenance: counts only
+        state = "done" if reached >= asked else "resume"
+        return Status(stage, state, "no provenance record: counts only")
+    changed = [f"{k} changed ({record['keys'].get(k)!r} -> {v!r})"
+               for k, v in stage_keys(stage, cfg).items() if record["keys"].get(k) != v]
+    changed += [f"{k} was set ({record['keys'][k]!r}), now it is not"
+                for k in record["keys"] if k not in stage_keys(stage, cfg)]
+    if changed:
+        return Status(stage, "stale", "; ".join(changed))
+    moved = [i for i, fp in record["inputs"].items() if fingerprint(i, out) != fp]
+    if stage == "encode":  # an encoding belongs to one VAE; more episodes just add to it
+        from rayworld.encode import vae_id
+
+        series = read_json(out / "data" / "series.json", {})
+        try:
+            moved = [] if series.get("info", {}).get("vae") == vae_id(
+                out / "checkpoints" / "vae.pt") else ["train-vae"]
+        except FileNotFoundError:
+            return Status(stage, "missing")
+    if reached < asked:
+        more = f"{reached} of {asked}" + (f", on changed {', '.join(moved)}" if moved else "")
+        return Status(stage, "resume", more)
+    if moved:
+        return Status(stage, "stale", f"{', '.join(moved)} changed since it ran")
+    return Status(stage, "done")
+
+
+def statuses(cfg, out: Path) -> dict[str, Status]:
+    """Every stage's status, where a stage whose inputs will run again is stale too."""
+    found: dict[str, Status] = {}
+    for stage in STAGES:
+        st = status(stage, cfg, out)
+        redo = [i for i in INPUTS[stage] if found[i].state != "done"]
+        if redo and st.state == "done":
+            st = Status(stage, "stale", f"{', '.join(redo)} will run first")
+        found[stage] = st
+    return found
+
+
+def _import_status(cfg, out: Path) -> Status:
+    from rayworld.data import Manifest
+    from rayworld.sources import import_complete
+
+    try:
+        done = import_complete(cfg, Manifest.load(out / "data"))
+    except (FileNotFoundError, KeyError, ValueError):
+        return Status("collect", "missing")
+    return Status("collect", "done" if done else "resume", f"imported from {cfg.source.kind}")
+
+
+def record(stage: str, cfg, out: Path):
+    """Write down what `stage` was just made from."""
+    out = Path(out)
+    prov = read_json(out / PROVENANCE, {})
+    prov[stage] = {"keys": stage_keys(stage, cfg),
+                   "inputs": {i: fingerprint(i, out) for i in INPUTS[stage]},
+                   "output": fingerprint(stage, out),
+                   "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_json(out / PROVENANCE, prov)
+
+
+def set_aside(stage: str, out: Path) -> Path | None:
+    """Move a stale stage's outputs to checkpoints/stale/<stage>-<time>/ (nothing is deleted)."""
+    ckpt = Path(out) / "checkpoints"
+    found = [ckpt / name for name in OUTPUTS.get(stage, ()) if (ckpt / name).exists()]
+    if not found:
+        return None
+    dest = ckpt / "stale" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        shutil.move(str(path), str(dest / path.name))
+    return dest
+
+
+def upstream(stage: str) -> list[str]:
+    """Every stage `stage` depends on, nearest last."""
+    seen: list[str] = []
+    for i in INPUTS[stage]:
+        for u in [*upstream(i), i]:
+            if u not in seen:
+                seen.append(u)
+    return seen
+
+
+def iteration_config(cfg, it: int):
+    """Iteration `it` (from 0) of iterative training: more episodes, epochs and generations.
+
+    Counts grow with the iteration, so every stage resumes from where the last one stopped:
+    new episodes come from the evolved controller, the models train on with all data, and
+    CMA-ES goes on from its last state in the new world model.
+    """
+    if it == 0:
+        return cfg
+    c = copy.deepcopy(cfg)
+    c.collect.episodes *= it + 1
+    c.collect.policy = "controller"
+    c.vae.epochs *= it + 1
+    c.mdn.epochs *= it + 1
+    c.evolve.generations *= it + 1
+    return c
+
+
+def collect_stage(cfg, run_dir: Path, log=print) -> dict:
+    """The collect stage: roll out the env, or import the dataset `source` names."""
+    if cfg.source.kind != "env":
+        from rayworld.sources import import_source
+
+        return import_source(cfg, Path(run_dir), log)
+    from rayworld.collect import collect
+
+    return collect(cfg, Path(run_dir), log)
+
+
+def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
+    """Run one stage and record its figures and provenance."""
+    from rayworld.encode import encode
+    from rayworld.evaluate import evaluate
+    from rayworld.evolve import evolve
+    from rayworld.train.mdn import train_mdn
+    from rayworld.train.vae import train_vae
+
+    fn = {"collect": collect_stage, "train-vae": train_vae, "encode": encode,
+          "train-mdn": train_mdn, "evolve": evolve, "evaluate": evaluate}[stage]
+    figures = fn(cfg, out, **kwargs)
+    wall = figures.pop("wall_s")
+    update_report(out, **{k: v for k, v in figures.items() if v is not None},
+                  wall_s={stage: round(wall, 2)})
+    record(stage, cfg, out)
+    return figures
+
+
+def prepare(stage: str, cfg, out: Path, skip_done: bool, log=print) -> bool:
+    """The pipeline: whether `stage` runs, said in one line; a stale one is set aside first."""
+    st = status(stage, cfg, out)
+    if st.state == "done" and skip_done:
+        log(f"rayworld pipeline: {stage} is up to date, skipping it")
+        return False
+    if st.state == "stale":
+        where = set_aside(stage, out)
+        log(f"rayworld pipeline: {stage} is stale ({st.why}); running it again"
+            + (f", the old outputs are in {where}" if where else ""))
+    elif st.state == "resume":
+        log(f"rayworld pipeline: {stage} resumes ({st.why})")
+    return True
+
+
+def warn_by_hand(stage: str, cfg, out: Path, log=print):
+    """A stage run by hand does what it is told (it resumes from what is there); one line
+    says when that is built on something out of date, or differs from what made it."""
+    found = statuses(cfg, out)
+    for u in upstream(stage):
+        st = found[u]
+        if st.state == "stale":
+            log(f"rayworld {stage}: warning: {u} is stale ({st.why}); `rayworld pipeline` "
+                "redoes what changed")
+            return
+    st = found[stage]
+    if st.state == "stale" and stage in OUTPUTS and "will run first" not in st.why:
+        log(f"rayworld {stage}: warning: {st.why}; going on from the checkpoint there "
+            "(`rayworld pipeline` would start it over)")
