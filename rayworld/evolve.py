@@ -107,6 +107,25 @@ def _check(workers, mean, cfg: Config, real_seeds, hist: dict, writer, gen: int)
     return dm, rm
 
 
+def new_strategy(x0: np.ndarray, e, seed: int, sigma0: float | None = None,
+                 population: int | None = None):
+    """CMA-ES at x0 with evolve's options (`cma` samples from numpy's global RNG)."""
+    import cma
+
+    opts = {"popsize": population or e.population, "seed": seed, "verbose": -9}
+    if e.diagonal:
+        opts["CMA_diagonal"] = True
+    return cma.CMAEvolutionStrategy(x0, e.sigma0 if sigma0 is None else sigma0, opts)
+
+
+def generation(es, score) -> tuple[np.ndarray, np.ndarray]:
+    """One generation: ask, score every candidate (higher is better), tell."""
+    xs = np.asarray(es.ask())
+    fitness = np.asarray(score(xs), np.float64)
+    es.tell(list(xs), list(-fitness))  # cma minimises
+    return xs, fitness
+
+
 def _save_controller(ckpt: Path, mean, generation: int, cfg: Config):
     with atomic_path(ckpt / CONTROLLER) as tmp:  # the CMA-ES mean: the robust pick
         torch.save({"params": torch.from_numpy(np.asarray(mean, np.float64)),
@@ -119,8 +138,6 @@ def _save_state(path: Path, data: dict):
 
 
 def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
-    import cma
-
     from rayworld.images import save_dream_vs_real
     from rayworld.train.common import tb_writer
 
@@ -150,12 +167,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         es, gen0, hist = saved["es"], saved["generation"], saved["history"]
         log(f"evolve: resuming after generation {gen0}")
     else:
-        opts = {"popsize": e.population, "seed": cfg.seed + 1, "verbose": -9}
-        if e.diagonal:
-            opts["CMA_diagonal"] = True
-        if x0 is None:
-            x0 = np.zeros(num_params)
-        es = cma.CMAEvolutionStrategy(x0, e.sigma0, opts)
+        es = new_strategy(np.zeros(num_params) if x0 is None else x0, e, cfg.seed + 1)
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
                                          "real_mean", "dream_check")}
     writer = tb_writer(run_dir, "evolve")
@@ -175,11 +187,10 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             _save_controller(ckpt, es.mean, 0, cfg)  # evolve.generations 0 keeps the start
         for gen in range(gen0, e.generations):
             t0 = time.perf_counter()
-            xs = np.asarray(es.ask())
             seed = (cfg.seed * 100_003 + gen) if e.where == "dream" else \
                 1_000_000 + cfg.seed * 100_003 + gen * e.rollouts
-            fitness = _score(workers, xs, e.rollouts, seed, log, e.where, anchor_ref)
-            es.tell(list(xs), list(-fitness))  # cma minimises
+            xs, fitness = generation(es, lambda xs, seed=seed: _score(
+                workers, xs, e.rollouts, seed, log, e.where, anchor_ref))
             best = int(np.argmax(fitness))
             record("rayworld_dream_evals_per_s",
                    len(xs) * e.rollouts / (time.perf_counter() - t0), run=cfg.name)

@@ -198,22 +198,31 @@ def train_trial(config: dict):
 STATE = "cma_state.pkl"
 
 
+REF_ROLLOUTS = 16  # dreams that score each trial's CMA-ES mean on the reference terms
+
+
 def controller_trial(config: dict):
     """A Tune trial that is one CMA-ES run in the dream, reporting every generation.
 
     After a PBT exploit the trial restarts from another trial's checkpoint with perturbed
     hyperparameters: a new sigma scales the inherited step size by new/old; a new population
     size restarts CMA-ES at the inherited mean and step size (cma fixes popsize at creation).
+
+    Besides its own fitness (`dream_return`, at the trial's own temperature and rollouts), each
+    checkpoint scores the CMA-ES mean on terms that are the same for every trial: the base
+    config's temperature and horizon, REF_ROLLOUTS fixed dreams (`dream_ref`). Returns at
+    different temperatures do not compare, so ranking on `dream_return` favours easy dreams.
     """
-    import cma
     import ray
     import torch
     from ray import tune
 
     from rayworld.dream import BatchedDream, WorldModel, evaluate_population
+    from rayworld.evolve import generation, new_strategy
     from rayworld.policies import make_controller
 
     cfg = with_values(config["_base"], _hparams(config))
+    base = load_config(base=config["_base"]).evolve
     e = cfg.evolve
     hp = {"tau": e.tau, "sigma0": e.sigma0, "population": e.population, "rollouts": e.rollouts}
     threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -222,18 +231,20 @@ def controller_trial(config: dict):
     n_out = world.action_n if world.discrete else world.action_dim
     template = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete).eval()
     dream = BatchedDream(world, e.tau, e.max_steps, e.dropout, e.done, e.ensemble)
+    ref_dream = BatchedDream(world, base.tau, base.max_steps, base.dropout, base.done,
+                             base.ensemble)
     ckpt = tune.get_checkpoint()
-    history = {"dream_mean": [], "dream_best": []}
+    history = {"dream_mean": [], "dream_best": [], "dream_ref": []}
     if ckpt is not None:
         with ckpt.as_directory() as d:
             saved = pickle.loads((Path(d) / STATE).read_bytes())  # our own file, written below
         es, gen, history = saved["es"], saved["generation"], saved["history"]
+        history.setdefault("dream_ref", [])
         ref = saved.get("ref")
         old = saved["hp"]
         if hp["population"] != old["population"]:
-            es = cma.CMAEvolutionStrategy(es.mean, es.sigma * hp["sigma0"] / old["sigma0"],
-                                          {"popsize": hp["population"], "verbose": -9,
-                                           "seed": cfg.seed + gen + 1})
+            es = new_strategy(es.mean, e, cfg.seed + gen + 1,
+                              sigma0=es.sigma * hp["sigma0"] / old["sigma0"])
         elif hp["sigma0"] != old["sigma0"]:
             es.sigma *= hp["sigma0"] / old["sigma0"]
     else:
@@ -242,9 +253,7 @@ def controller_trial(config: dict):
             from rayworld.clone import clone_params
 
             x0 = clone_params(Path(config["_data"]), cfg, log=lambda _: None)
-        es = cma.CMAEvolutionStrategy(x0, e.sigma0,
-                                      {"popsize": e.population, "seed": cfg.seed + 1,
-                                       "verbose": -9})
+        es = new_strategy(x0, e, cfg.seed + 1)
         gen = 0
         ref = np.asarray(x0, np.float64)  # evolve.anchor's reference: where the trial began
     # PBT copies a donor's config and CMA-ES state: mix in this trial's id so the copy
@@ -253,22 +262,27 @@ def controller_trial(config: dict):
     trial_seed = zlib.crc32(trial_id.encode()) % 1_000_003
     np.random.seed((cfg.seed + trial_seed + gen) % 2**32)  # cma samples from numpy's global RNG
     interval = int(config["_checkpoint_every"])
+    dream_ref = history["dream_ref"][-1] if history["dream_ref"] else None
     while gen < e.generations:
         t0 = time.perf_counter()
-        xs = np.asarray(es.ask())
-        fitness = evaluate_population(dream, template, xs, e.rollouts,
-                                      (cfg.seed + trial_seed) * 100_003 + gen,
-                                      ref_params=ref, anchor=e.anchor)
-        es.tell(list(xs), list(-fitness))  # cma minimises
+        seed = (cfg.seed + trial_seed) * 100_003 + gen
+        xs, fitness = generation(es, lambda xs, seed=seed: evaluate_population(
+            dream, template, xs, e.rollouts, seed, e.common_noise, ref_params=ref,
+            anchor=e.anchor))
         gen += 1
         evals_per_s = len(xs) * e.rollouts / max(time.perf_counter() - t0, 1e-9)
         record("rayworld_dream_evals_per_s", evals_per_s, run=f"{cfg.name}-{trial_id}")
         history["dream_mean"].append(float(fitness.mean()))
         history["dream_best"].append(float(fitness.max()))
+        saving = gen % interval == 0 or gen == e.generations
+        if saving or dream_ref is None:  # the same dreams for every trial: seed fixed
+            dream_ref = float(evaluate_population(ref_dream, template, es.mean[None],
+                                                  REF_ROLLOUTS, cfg.seed + 7)[0])
+            history["dream_ref"].append(dream_ref)
         metrics = {"generation": gen, "dream_return": float(fitness.mean()),
-                   "dream_best": float(fitness.max()), "sigma": float(es.sigma),
-                   "evals_per_s": evals_per_s, **hp}
-        if gen % interval == 0 or gen == e.generations:
+                   "dream_best": float(fitness.max()), "dream_ref": dream_ref,
+                   "sigma": float(es.sigma), "evals_per_s": evals_per_s, **hp}
+        if saving:
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / STATE).write_bytes(pickle.dumps(
                     {"es": es, "generation": gen, "history": history, "hp": hp,

@@ -68,7 +68,7 @@ def _tune(config: str, out: Path, data: Path, sets: list[str]) -> int:
 def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
     for name, stage, metric in [("vae_asha.yaml", "vae", "psnr_db"),
                                 ("mdn_asha.yaml", "mdn", "val_nll"),
-                                ("controller_pbt.yaml", "controller", "dream_return")]:
+                                ("controller_pbt.yaml", "controller", "dream_ref")]:
         sw = load_sweep(ROOT / "tune_configs" / name)
         assert (sw.sweep.stage, sw.sweep.metric) == (stage, metric)
         assert sw.base["name"] == "quickstart"
@@ -124,7 +124,7 @@ def test_controller_pbt_exploits_and_scores_the_best_in_the_real_env(data_run, t
     assert report["stage"] == "controller" and len(report["trials"]) == 4
     assert all(t["generation"] == 8 for t in report["trials"]), report["trials"]
     assert isinstance(report["real_return_mean"], float) and report["real_episodes"] == 2
-    assert report["best_value"] == max(t["dream_return"] for t in report["trials"])
+    assert report["best_value"] == max(t["dream_ref"] for t in report["trials"])
     # PBT copied strong runs into weak ones (Tune logs every exploit)
     exp = out / "tune" / "sweep"
     exploits = [ln for f in exp.glob("pbt_global.txt") for ln in f.read_text().splitlines()]
