@@ -1,4 +1,5 @@
-"""Ray wiring the stages share: ending env actors, and task errors that deserve one line."""
+"""Ray wiring the stages share: keeping actors busy, ending env actors, and task errors that
+deserve one line."""
 
 from __future__ import annotations
 
@@ -25,3 +26,25 @@ def task_result(ref, one_line: tuple):
         if isinstance(e.cause, one_line):
             raise e.cause from None
         raise
+
+
+def keep_busy(actors, jobs, submit, depth: int = 1):
+    """Run every job on a pool of actors, `depth` queued on each so none waits on the driver.
+
+    `submit(actor, job)` starts a job and returns its ObjectRef. Yields (job, ref) as each
+    finishes; the actor that ran it gets the next job. Ray's ActorPool keeps one job per actor
+    and hides the refs, which one-line error handling (`task_result`) needs.
+    """
+    todo = list(jobs)[::-1]
+    pending = {}
+    for actor in list(actors) * depth:
+        if todo:
+            job = todo.pop()
+            pending[submit(actor, job)] = (actor, job)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        actor, job = pending.pop(done[0])
+        if todo:
+            nxt = todo.pop()
+            pending[submit(actor, nxt)] = (actor, nxt)
+        yield job, done[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from rayworld.actors import close_and_kill, task_result
+from rayworld.actors import close_and_kill, keep_busy, task_result
 from rayworld.config import Config
 from rayworld.data import (
     EPISODES_DIR,
@@ -189,23 +189,12 @@ def _dispatch(actors, todo: list[int], manifest: Manifest, c, log) -> int:
     """Keep two episodes queued per actor; record each finished shard in the manifest."""
     from rayworld.envs.registry import EnvArgumentError, SimulatorError
 
-    queue_ = list(reversed(todo))
-    pending = {}
-    for actor in actors * 2:
-        if queue_:
-            episode = queue_.pop()
-            pending[_run(actor, episode, c)] = actor
     shards = ShardLog(manifest, len(todo), "collect", "steps_per_s")
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(done[0])
-            result = task_result(done[0], (SimulatorError, EnvArgumentError))
+        for _, ref in keep_busy(actors, todo, lambda a, e: _run(a, e, c), depth=2):
+            result = task_result(ref, (SimulatorError, EnvArgumentError))
             result.pop("seconds")
             shards.add([result])
-            if queue_:
-                episode = queue_.pop()
-                pending[_run(actor, episode, c)] = actor
     finally:
         shards.close()
     return shards.steps

@@ -179,6 +179,16 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackConfig:
+    """The trackers users already use, through Ray's integrations (rayworld.track)."""
+
+    wandb: bool = False  # offline (files under <run>/wandb) unless WANDB_API_KEY is set
+    wandb_project: str = "rayworld"
+    mlflow: str = ""  # a tracking URI (http://host:5000, file:/path); "" leaves MLflow off
+    mlflow_experiment: str = "rayworld"
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # "" starts Ray in-process; "auto" or ray://host:10001 joins a cluster
     num_cpus: int = 0  # in-process Ray only; 0: all cores
@@ -206,6 +216,7 @@ class Config:
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -346,6 +357,40 @@ def _validate(cfg: Config):
         raise ConfigError("config key 'env.id': empty, expected an env id when source.kind is 'env'")
     if cfg.data.val_every < 2:
         raise ConfigError("config key 'data.val_every': expected >= 2 (1 would hold out all data)")
+
+
+# ---------------------------------------------------------------- which keys shape each stage
+
+# config keys (a trailing dot: every key under it) that shape each stage's output; the
+# pipeline's provenance compares them (rayworld.pipeline). Collect only adds episodes.
+STAGE_KEYS = {"collect": (), "encode": (),
+        "train-vae": ("seed", "vae.", "data.val_every"),
+        "train-mdn": ("seed", "mdn.", "data.val_every"),
+        "evolve": ("seed", "evolve.", "controller.", "env.", "evaluate.env_kwargs"),
+        "evaluate": ("evaluate.", "controller.z", "env.")}
+# counts that grow (a resume, not a change), and keys that only watch or place the work
+STAGE_COUNTS = {"train-vae": "vae.epochs", "train-mdn": "mdn.epochs", "evolve": "evolve.generations"}
+IGNORED = ("evolve.real_every", "evolve.real_episodes", "evolve.num_actors",
+           "evolve.gpus_per_actor")
+
+
+def flat(cfg) -> dict:
+    """section.key -> value; a key that holds a dict (env.kwargs) stays one value."""
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def stage_keys(stage: str, cfg) -> dict:
+    """The config keys that shape `stage`'s output, without its count."""
+    keys = flat(cfg)
+    skip = (STAGE_COUNTS.get(stage), *IGNORED)
+    return {k: v for k, v in sorted(keys.items()) if k not in skip and
+            any(k == p or (p.endswith(".") and k.startswith(p)) for p in STAGE_KEYS[stage])}
 
 
 def parse_set(item: str) -> tuple[str, object]:

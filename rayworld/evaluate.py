@@ -13,7 +13,7 @@ import numpy as np
 import ray
 import torch
 
-from rayworld.actors import close_and_kill
+from rayworld.actors import close_and_kill, keep_busy
 from rayworld.config import Config
 from rayworld.io import progress
 from rayworld.policies import (
@@ -82,22 +82,13 @@ def runner_pool(run_dir: Path, cfg: Config, n: int, name: str = "real-evaluator"
 
 def run_episodes(runners, params, seeds, max_steps: int, desc: str | None = None) -> np.ndarray:
     """Episodes spread over the runners, one seed each; returns their totals in seed order."""
-    pending, results = {}, {}
-    todo = list(enumerate(seeds))
+    results = {}
     bar = progress(len(seeds), desc) if desc else None
-    for r in runners:
-        if todo:
-            i, s = todo.pop(0)
-            pending[r.episode.remote(params, s, max_steps)] = (r, i)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        runner, i = pending.pop(done[0])
-        results[i] = ray.get(done[0])
+    for (i, _), ref in keep_busy(runners, list(enumerate(seeds)),
+                                 lambda r, job: r.episode.remote(params, job[1], max_steps)):
+        results[i] = ray.get(ref)
         if bar:
             bar.update(1)
-        if todo:
-            j, s = todo.pop(0)
-            pending[runner.episode.remote(params, s, max_steps)] = (runner, j)
     if bar:
         bar.close()
     return np.array([results[i] for i in range(len(seeds))])

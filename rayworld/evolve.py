@@ -28,6 +28,7 @@ from rayworld.evaluate import RealRunner, run_episodes
 from rayworld.io import atomic_path
 from rayworld.policies import CONTROLLER, check_world_model
 from rayworld.telemetry import record
+from rayworld.track import Tracker
 
 STATE = "evolve_state.pkl"
 
@@ -171,6 +172,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
                                          "real_mean", "dream_check")}
     writer = tb_writer(run_dir, "evolve")
+    tracker = Tracker.open(cfg, run_dir, "evolve")
     real_seeds = [cfg.evaluate.seed + 10_000 + i for i in range(e.real_episodes)]
     horizon = cfg.evaluate.max_steps
     where = "scored in the dream" if e.where == "dream" else "scored in the real env"
@@ -210,6 +212,12 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                 dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, gen + 1)
                 line += f" | CMA-ES mean, {horizon} steps: dream {dm:.2f} real {rm:.2f}"
             writer.flush()
+            if tracker is not None:
+                row = {f"evolve/{k}": hist[k][-1] for k in ("dream_best", "dream_mean",
+                                                             "dream_worst")}
+                if hist["real_gen"] and hist["real_gen"][-1] == gen + 1:
+                    row |= {"evolve/real_mean": rm, "evolve/dream_check": dm}
+                tracker.log(row | {"evolve/sigma": es.sigma}, gen + 1)
             log(f"{line} ({time.perf_counter() - t0:.1f} s)")
             _save_controller(ckpt, es.mean, gen + 1, cfg)
             _save_state(state_path, {"es": es, "generation": gen + 1, "history": hist,
@@ -217,6 +225,8 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
             save_dream_vs_real(hist, run_dir / "images" / "evolve_curves.png", horizon)
     finally:
         writer.close()
+        if tracker is not None:
+            tracker.close()
         close_and_kill(workers)
     figures = {"dream_return_best": max(hist["dream_best"]) if hist["dream_best"] else None,
                "dream_return_last_mean": hist["dream_mean"][-1] if hist["dream_mean"] else None,

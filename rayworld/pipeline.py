@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayworld.config import stage_keys
 from rayworld.io import atomic_write_json, read_json, update_report
 
 STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
@@ -36,16 +37,6 @@ PROVENANCE = "provenance.json"
 INPUTS = {"collect": (), "train-vae": ("collect",), "encode": ("collect", "train-vae"),
           "train-mdn": ("encode",), "evolve": ("train-vae", "encode", "train-mdn"),
           "evaluate": ("train-vae", "train-mdn", "evolve")}
-# config keys (a trailing dot: every key under it) that shape each stage's output
-KEYS = {"collect": (), "encode": (),
-        "train-vae": ("seed", "vae.", "data.val_every"),
-        "train-mdn": ("seed", "mdn.", "data.val_every"),
-        "evolve": ("seed", "evolve.", "controller.", "env.", "evaluate.env_kwargs"),
-        "evaluate": ("evaluate.", "controller.z", "env.")}
-# counts that grow (a resume, not a change), and keys that only watch or place the work
-COUNTS = {"train-vae": "vae.epochs", "train-mdn": "mdn.epochs", "evolve": "evolve.generations"}
-IGNORED = ("evolve.real_every", "evolve.real_episodes", "evolve.num_actors",
-           "evolve.gpus_per_actor")
 # what a stale stage sets aside before it runs again
 OUTPUTS = {"train-vae": ("vae.pt", "vae"), "train-mdn": ("mdn.pt", "mdn"),
            "evolve": ("controller.pt", "evolve_state.pkl")}
@@ -59,25 +50,6 @@ class Status:
 
     def __str__(self):
         return f"{self.stage}: {self.state}" + (f" ({self.why})" if self.why else "")
-
-
-def flat(cfg) -> dict:
-    """section.key -> value; a key that holds a dict (env.kwargs) stays one value."""
-    out = {}
-    for k, v in cfg.to_dict().items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            out[k] = v
-    return out
-
-
-def stage_keys(stage: str, cfg) -> dict:
-    """The config keys that shape `stage`'s output, without its count."""
-    keys = flat(cfg)
-    skip = (COUNTS.get(stage), *IGNORED)
-    return {k: v for k, v in sorted(keys.items()) if k not in skip and
-            any(k == p or (p.endswith(".") and k.startswith(p)) for p in KEYS[stage])}
 
 
 def _sha(data: bytes) -> str:
@@ -263,6 +235,13 @@ def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
     fn = {"collect": collect_stage, "train-vae": train_vae, "encode": encode,
           "train-mdn": train_mdn, "evolve": evolve, "evaluate": evaluate}[stage]
     figures = fn(cfg, out, **kwargs)
+    if stage not in ("train-vae", "train-mdn", "evolve"):  # those log every epoch themselves
+        from rayworld.track import Tracker
+
+        tracker = Tracker.open(cfg, out, stage)
+        if tracker is not None:
+            tracker.log({f"{stage}/{k}": v for k, v in figures.items()}, 0)
+            tracker.close()
     wall = figures.pop("wall_s")
     update_report(out, **{k: v for k, v in figures.items() if v is not None},
                   wall_s={stage: round(wall, 2)})

@@ -45,6 +45,7 @@ from rayworld.config import (
 )
 from rayworld.io import atomic_path, atomic_write_json, atomic_write_text
 from rayworld.telemetry import record
+from rayworld.track import tune_callbacks
 
 NEEDS = {"vae": ("collect",), "mdn": ("collect", "train-vae", "encode"),
          "controller": ("collect", "train-vae", "encode", "train-mdn")}
@@ -182,6 +183,7 @@ def train_trial(config: dict):
     from rayworld.train.vae import train_vae
 
     cfg = with_values(config["_base"], _hparams(config))
+    cfg.track.wandb, cfg.track.mlflow = False, ""  # Tune's logger callbacks track the trials
     stage = config["_stage"]
     run_dir = Path(tune.get_context().get_trial_dir()).resolve()
     data_run = Path(config["_data"])
@@ -371,6 +373,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
             run_config=tune.RunConfig(
                 name="sweep", storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                callbacks=tune_callbacks(load_config(base=sw.base), out) or None,
                 # PBT restores a donor's checkpoint while the donor goes on: keep them all.
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if s.scheduler.type == "pbt" else 2)))

@@ -93,9 +93,18 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
 
 
 def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
     out = tmp_path / "vae_sweep"
-    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY) == 0
+    mlruns = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY + [f"track.mlflow={mlruns}"]) == 0
     report = json.loads((out / "sweep_report.json").read_text())
+    # Tune's MLflowLoggerCallback: one MLflow run per trial, with every epoch's PSNR
+    client = MlflowClient(mlruns)
+    runs = client.search_runs([client.get_experiment_by_name("rayworld").experiment_id])
+    assert len(runs) == 2
+    assert sorted(r.data.metrics["psnr_db"] for r in runs) == \
+        pytest.approx(sorted(t["psnr_db"] for t in report["trials"]))
     assert report["stage"] == "vae" and len(report["trials"]) == 2
     values = [t["psnr_db"] for t in report["trials"]]
     assert report["best_value"] == max(values) and 5 < report["best_value"] < 60
@@ -109,7 +118,7 @@ def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, ca
         report["best_value"])
     # re-running the same --out restores the finished sweep instead of starting over
     capsys.readouterr()
-    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY) == 0
+    assert _tune("vae_asha.yaml", out, data_run, VAE_TINY + [f"track.mlflow={mlruns}"]) == 0
     assert "resuming the sweep" in capsys.readouterr().out
     again = json.loads((out / "sweep_report.json").read_text())
     assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in report["trials"]]

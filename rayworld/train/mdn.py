@@ -20,6 +20,7 @@ from rayworld.data import (
 )
 from rayworld.encode import SERIES
 from rayworld.telemetry import record
+from rayworld.track import Tracker
 from rayworld.train import common
 
 
@@ -125,6 +126,7 @@ def train_loop(config: dict):
         common.load_stepper(stepper, state, "mdn" if rank == 0 else None)
     shards = common.gather_lists(mine, device, world)
     writer = common.tb_writer(run_dir, "mdn") if rank == 0 else None
+    tracker = Tracker.open(cfg, run_dir, "train-mdn") if rank == 0 else None
     keys = ("loss", "nll", "reward_mse", "done_bce", "done_acc")
     last = {}
     for epoch in range(start_epoch, m.epochs):
@@ -180,10 +182,14 @@ def train_loop(config: dict):
             ckpt_state = {"model": common.unwrap(model).state_dict(), **stepper.state_dict(),
                           "epoch": epoch + 1, "history": history, "resumed_from": resumed,
                           "world_size": world, "rank_episodes": shards}
+        if tracker is not None:
+            tracker.log({f"mdn/{k}": v for k, v in metrics.items()}, epoch + 1)
         common.report(metrics, ckpt_state)
         last = metrics
     if writer is not None:
         writer.close()
+    if tracker is not None:
+        tracker.close()
     return last
 
 

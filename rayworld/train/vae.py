@@ -11,6 +11,7 @@ import torch
 from rayworld.config import Config
 from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
 from rayworld.telemetry import record
+from rayworld.track import Tracker
 from rayworld.train import common
 
 
@@ -117,6 +118,7 @@ def train_loop(config: dict):
     if state is not None:
         common.load_stepper(stepper, state, "vae" if rank == 0 else None)
     writer = common.tb_writer(run_dir, "vae") if rank == 0 else None
+    tracker = Tracker.open(cfg, run_dir, "train-vae") if rank == 0 else None
     last = {}
     for epoch in range(start_epoch, v.epochs):
         t0 = time.perf_counter()
@@ -183,10 +185,14 @@ def train_loop(config: dict):
             ckpt_state = {"model": common.unwrap(model).state_dict(), **stepper.state_dict(),
                           "epoch": epoch + 1, "step": global_step, "history": history,
                           "resumed_from": resumed, "world_size": world}
+        if tracker is not None:
+            tracker.log({f"vae/{k}": v for k, v in metrics.items()}, epoch + 1)
         common.report(metrics, ckpt_state)
         last = metrics
     if writer is not None:
         writer.close()
+    if tracker is not None:
+        tracker.close()
     return last
 
 
