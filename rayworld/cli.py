@@ -284,6 +284,8 @@ def _run_stages(args, cfg, out: Path):
             if stage == "evolve":
                 dream_gif(step_cfg, out)
             write_summary(out)
+    if args.command == "pipeline":
+        update_report(out, iterations=iterations)
     save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
     print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
           f"figures in {out / 'report.json'}")

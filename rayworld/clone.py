@@ -58,7 +58,7 @@ def fit_controller(controller, z, h, actions, epochs: int = 30, batch: int = 102
             loss_sum = 0.0
             for idx in torch.randperm(len(z), generator=gen).split(batch):
                 if controller.discrete:
-                    logits = controller.net(torch.cat([z[idx], h[idx]], dim=-1))
+                    logits = controller.logits(z[idx], h[idx])
                     loss = torch.nn.functional.cross_entropy(logits, actions[idx, 0].long())
                 else:
                     loss = torch.nn.functional.mse_loss(controller(z[idx], h[idx]),

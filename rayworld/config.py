@@ -126,6 +126,9 @@ class MDNConfig:
 @dataclass
 class ControllerConfig:
     kind: Literal["linear", "mlp"] = "linear"
+    # what it reads: [z, h], the paper's, or the frame's z alone (a reactive policy: the dream's
+    # h late in a rollout need not look like the real env's)
+    inputs: Literal["zh", "z"] = "zh"
     # the real agent's z: the VAE's mean, or a sample of its posterior, like the latents the
     # MDN-RNN trained on and the dream feeds the controller
     z: Literal["mean", "sample"] = "mean"

@@ -319,7 +319,8 @@ def run_episode(env, policy, seed: int, max_steps: int):
 def make_controller(cfg, latent: int, hidden: int, action_dim: int, discrete: bool):
     from rayworld.models.controller import Controller
 
-    return Controller(latent=latent, hidden=hidden, action_dim=action_dim, kind=cfg.controller.kind,
+    return Controller(latent=latent, hidden=hidden if cfg.controller.inputs == "zh" else 0,
+                      action_dim=action_dim, kind=cfg.controller.kind,
                       mlp_hidden=tuple(cfg.controller.mlp_hidden), discrete=discrete)
 
 

@@ -411,3 +411,21 @@ def test_controller_bad_kind_and_discrete():
     assert act.dtype == torch.long and act.shape == (50,)
     assert torch.equal(act, c.net(torch.cat([z, h], -1)).argmax(-1))
     assert len(set(act.tolist())) > 1
+
+
+def test_controller_on_z_alone_ignores_h_and_has_fewer_params():
+    from rayworld.config import load_config
+    from rayworld.policies import make_controller
+
+    zh = make_controller(load_config(None, []), 32, 256, 3, False)
+    z_only = make_controller(load_config(None, ["controller.inputs=z"]), 32, 256, 3, False)
+    assert (zh.num_params, z_only.num_params) == (289 * 3, 33 * 3)
+    torch.manual_seed(0)
+    z, h1, h2 = torch.randn(5, 32), torch.randn(5, 256), torch.randn(5, 256)
+    assert torch.equal(z_only(z, h1), z_only(z, h2))
+    assert not torch.equal(zh(z, h1), zh(z, h2))
+    # the batched dream evaluates it the same way, one candidate per row block
+    from rayworld.dream import Population
+
+    pop = Population(z_only, np.stack([z_only.get_flat()] * 2), repeats=5)
+    torch.testing.assert_close(pop(z.repeat(2, 1), h1.repeat(2, 1)), z_only(z, h1).repeat(2, 1))

@@ -15,6 +15,7 @@ class Controller(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"unknown controller kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
         self.kind, self.discrete, self.action_dim = kind, discrete, action_dim
+        self.hidden = hidden  # 0: the controller reads z alone (it is still handed h)
         sizes = [latent + hidden] + (list(mlp_hidden) if kind == "mlp" else []) + [action_dim]
         layers: list[nn.Module] = []
         for i in range(len(sizes) - 1):
@@ -23,8 +24,11 @@ class Controller(nn.Module):
                 layers.append(nn.Tanh())
         self.net = nn.Sequential(*layers)
 
+    def logits(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, h[..., :self.hidden]], dim=-1))
+
     def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        o = self.net(torch.cat([z, h], dim=-1))
+        o = self.logits(z, h)
         if self.discrete:
             return o.argmax(-1)
         o = torch.tanh(o)
