@@ -23,37 +23,56 @@ from rayworld.cli import main
 
 @pytest.fixture
 def mlflow_server(tmp_path):
+    """A real `mlflow server` in its own process group; stopped whole, even if it never came
+    up (a fresh environment compiles mlflow's modules on the first start, which takes a while
+    on a busy 2-core machine)."""
     import psutil
 
     (port,) = free_ports(1)
     store = tmp_path / "mlflow"
     store.mkdir()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{store / 'db.sqlite'}",
          "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "w"), env=env,
+        start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            time.sleep(0.5)
-    else:
-        raise AssertionError("mlflow server did not come up in 90 s")
-    yield uri
-    group = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs([psutil.Process(p.pid) for p in group
-                                  if psutil.pid_exists(p.pid)], timeout=15)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    assert not [p for p in group if psutil.pid_exists(p.pid) and
-                psutil.Process(p.pid).status() != psutil.STATUS_ZOMBIE], "mlflow left running"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (store / "server.log").read_text()[-2000:]
+                assert time.time() < deadline, "mlflow server did not come up in 300 s"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        group = [p for p in psutil.process_iter() if _pgid(p) == proc.pid]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            _, group = psutil.wait_procs(group, timeout=15)
+            if not group:
+                break
+        proc.wait(timeout=15)
+        assert not [p for p in psutil.process_iter() if _pgid(p) == proc.pid], \
+            "mlflow left processes running"
+
+
+def _pgid(p) -> int | None:
+    """The process group of a live process (None once it is gone or a zombie)."""
+    import psutil
+
+    try:
+        return None if p.status() == psutil.STATUS_ZOMBIE else os.getpgid(p.pid)
+    except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+        return None
 
 
 def _wandb_history(run_file: Path) -> tuple[dict, list[dict]]:

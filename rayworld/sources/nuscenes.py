@@ -72,9 +72,11 @@ def scene_frames(nusc, scene: dict, camera: str, keyframes_only: bool) -> dict:
 
 
 def pose_actions(timestamps_us, translations, rotations, where: str = "") -> np.ndarray:
-    """[speed m/s, yaw rate rad/s] from each ego pose to the next; float32 [T, 2]."""
-    from pyquaternion import Quaternion
+    """[speed m/s, yaw rate rad/s] from each ego pose to the next; float32 [T, 2].
 
+    Rotations are nuScenes' [w, x, y, z] quaternions; the yaw is the first of their z-y'-x''
+    angles, as the devkit's pyquaternion gives it.
+    """
     t = np.asarray(timestamps_us, np.int64)
     if len(t) < 2:
         return np.zeros((len(t), 2), np.float32)
@@ -84,7 +86,8 @@ def pose_actions(timestamps_us, translations, rotations, where: str = "") -> np.
         raise SourceError(f"{where}: ego pose timestamps {t[i]} then {t[i + 1]} at frames {i}, "
                           f"{i + 1}; expected them to increase")
     xy = np.asarray(translations, np.float64)[:, :2]
-    yaw = np.array([Quaternion(q).yaw_pitch_roll[0] for q in rotations])
+    w, x, y, z = np.asarray(rotations, np.float64).T
+    yaw = np.arctan2(2 * (w * z - x * y), 1 - 2 * (y * y + z * z))
     speed = np.linalg.norm(np.diff(xy, axis=0), axis=1) / dt
     dyaw = (np.diff(yaw) + np.pi) % (2 * np.pi) - np.pi
     actions = np.stack([speed, dyaw / dt], axis=1)
