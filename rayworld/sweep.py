@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 import shutil
 import tempfile
 import time
@@ -79,7 +80,7 @@ class SweepConfig:
     resources: dict = field(default_factory=lambda: {"cpu": 1.0})  # per trial
     max_failures: int = 1  # a failed trial is retried from its checkpoint
     real_episodes: int = 16  # controller: real episodes that score the best trial
-    seed: int = 0
+    seed: int = 0  # the search's draws, PBT's explore step and each trial's CMA-ES seed
 
 
 @dataclass
@@ -260,8 +261,9 @@ def controller_trial(config: dict):
         ref = np.asarray(x0, np.float64)  # evolve.anchor's reference: where the trial began
     # PBT copies a donor's config and CMA-ES state: mix in this trial's id so the copy
     # samples its own candidates and dreams from here on.
-    trial_id = tune.get_context().get_trial_id()
-    trial_seed = zlib.crc32(trial_id.encode()) % 1_000_003
+    trial_id = tune.get_context().get_trial_id()  # "<experiment>_<index>": the index is stable
+    trial_seed = zlib.crc32(f"{config['_sweep_seed']}-{trial_id.rsplit('_', 1)[-1]}".encode()) \
+        % 1_000_003
     np.random.seed((cfg.seed + trial_seed + gen) % 2**32)  # cma samples from numpy's global RNG
     interval = int(config["_checkpoint_every"])
     dream_ref = history["dream_ref"][-1] if history["dream_ref"] else None
@@ -336,6 +338,7 @@ def _prepare_data(sw: Sweep, out: Path, data: Path | None, log) -> Path:
 
 def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict:
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     start = time.perf_counter()
     s = sw.sweep
@@ -357,7 +360,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
         checkpoint_every = 1
     space = {k: _domain(v) for k, v in s.space.items()}
     space.update({"_base": sw.base, "_stage": s.stage, "_data": str(data_run),
-                  "_checkpoint_every": checkpoint_every})
+                  "_checkpoint_every": checkpoint_every, "_sweep_seed": s.seed})
     storage = out / "tune"
     exp = storage / "sweep"
     if tune.Tuner.can_restore(str(exp)):
@@ -369,6 +372,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=s.metric, mode=s.mode, scheduler=_scheduler(s),
+                search_alg=BasicVariantGenerator(random_state=s.seed),
                 num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
             run_config=tune.RunConfig(
                 name="sweep", storage_path=str(storage),
@@ -377,6 +381,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
                 # PBT restores a donor's checkpoint while the donor goes on: keep them all.
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if s.scheduler.type == "pbt" else 2)))
+    random.seed(s.seed)  # PBT's explore step draws from Python's random
     grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
     if len(grid) < s.num_samples or finished < len(grid):  # Ctrl-C: Tune returns early
