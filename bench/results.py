@@ -118,7 +118,9 @@ def main(argv=None) -> int:
     text = ("# Results\n\nWritten by `python bench/results.py` from the run directories "
             "named below; do not edit by hand. The real return is over `evaluate.episodes` "
             "episodes on seeds 100000 and up, the same for the controller and for random "
-            "play. Wall time is the sum of the stages' times on the machine that ran them.\n\n"
+            "play. Wall time is the sum of the stages this run directory ran (a variant made "
+            "from a copy of another run counts only the stages it ran again), on the machine "
+            "that ran them.\n\n"
             + table(args.runs) + "\n")
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)

@@ -165,3 +165,24 @@ def test_bad_config_fails_with_one_line(capsys, tmp_path):
     assert _cli("collect", "--out", str(tmp_path), "--set", "vae.latnt=3") == 2
     err = capsys.readouterr().err.strip()
     assert "'vae.latnt'" in err and len(err.splitlines()) == 1
+
+
+def test_results_script_rebuilds_the_command_and_reads_the_figures(run, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results", Path(__file__).parents[1] /
+                                                  "bench" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    out = tmp_path / "results.md"
+    assert results.main([str(run), "--out", str(out)]) == 0
+    text = out.read_text()
+    report = json.loads((run / "report.json").read_text())
+    row = next(line for line in text.splitlines() if line.startswith("| 0 |"))
+    cmd = row.split("`")[1]
+    assert cmd.startswith("rayworld pipeline --config tune_configs/quickstart.yaml --out runs/")
+    assert "--set collect.episodes=12" in cmd and "--set evolve.generations=6" in cmd
+    assert "ray.cpus_per_worker" not in cmd and cmd.endswith("--set seed=0")
+    assert f"{report['real_return_mean']:.2f} +/- {report['real_return_std']:.2f}" in row
+    assert "1 seed(s) only" in text
+    assert results.main([str(tmp_path), "--out", str(out)]) == 1  # no report.json there
