@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from rayworld.envs.frames import resize64
-from rayworld.sources import OBS_SIZE, SourceError, shard_entry, source_info
+from rayworld.sources.common import OBS_SIZE, SourceError, shard_entry, source_info
 
 ACTIONS = ["speed_m_per_s", "yaw_rate_rad_per_s"]
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from rayworld.envs.frames import resize64
-from rayworld.sources import OBS_SIZE, SourceError, shard_entry, source_info
+from rayworld.sources.common import OBS_SIZE, SourceError, shard_entry, source_info
 
 SUFFIXES = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".pt": "torch", ".pth": "torch"}
 NAMES = {
@@ -309,7 +309,7 @@ def prepare(cfg, log=print):
     """Scan every file in Ray tasks; returns (manifest info, submit)."""
     import ray
 
-    from rayworld.sources import gather
+    from rayworld.sources.common import gather
 
     s = cfg.source
     root = Path(s.path).expanduser().resolve()
