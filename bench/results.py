@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def command(run: Path) -> tuple[str, dict, int, Path | None]:
                 if base.get(k) != v and k != "seed" and not k.startswith(OPERATIONAL)}
     parts = ["rayworld pipeline", f"--config {preset.relative_to(ROOT)}" if preset else
              f"--config {run / 'config.yaml'}"]
-    parts.append(f"--out runs/{cfg.name}")
+    parts.append(f"--out runs/{cfg.name}-{cfg.seed}")
     report = json.loads((run / "report.json").read_text())
     # counts grow with each round of --iterations, so a run records how many it made
     iterations = report.get("iterations") or (
@@ -57,7 +58,7 @@ def command(run: Path) -> tuple[str, dict, int, Path | None]:
         if report.get("generations") and cfg.evolve.generations else 1)
     if iterations > 1:
         parts.append(f"--iterations {iterations}")
-    parts += [f"--set {k}={_yaml(v)}" for k, v in sorted(sets.items())]
+    parts += [f"--set {shlex.quote(f'{k}={_yaml(v)}')}" for k, v in sorted(sets.items())]
     parts.append(f"--set seed={cfg.seed}")
     return " ".join(parts), sets, cfg.seed, preset
 

@@ -117,8 +117,7 @@ def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
                            include_dashboard=dashboard, **kw)
     if out is not None:
         console.to_file(out, verbose)
-        if not verbose:
-            console.filter_workers(out)
+        console.filter_workers(out, verbose)
     if not address and dashboard and ctx.dashboard_url:
         print(f"rayworld: Ray dashboard at http://{ctx.dashboard_url}")
     return True
@@ -128,8 +127,9 @@ def _with_ray(args, command: str, cfg, fn, dashboard: bool | None = None) -> int
     """Run `fn()` with Ray up; a bad config key exits 2, a failed stage 1, each with one line
     (`--debug`: the whole traceback)."""
     out = Path(args.out) if getattr(args, "out", None) else None
-    started = init_ray(cfg, args.address, dashboard, out, args.verbose)
+    started = False
     try:
+        started = init_ray(cfg, args.address, dashboard, out, args.verbose)
         fn()
         return 0
     except ConfigError as e:
@@ -137,11 +137,11 @@ def _with_ray(args, command: str, cfg, fn, dashboard: bool | None = None) -> int
             raise
         print(f"rayworld: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, ConnectionError) as e:
         if args.debug:
             raise
         print(f"rayworld {command}: {e}", file=sys.stderr)
-        if out is not None and started:
+        if out is not None and (out / "logs" / "ray.log").exists():
             print(f"rayworld {command}: Ray's log is in {out / 'logs' / 'ray.log'}",
                   file=sys.stderr)
         return 1
@@ -263,6 +263,7 @@ def _run_stages(args, cfg, out: Path):
     stages = STAGES if args.command == "pipeline" else (args.command,)
     t0 = time.perf_counter()
     iterations = getattr(args, "iterations", 1)
+    ran = False
     for it in range(iterations):
         step_cfg = iteration_config(cfg, it)
         for stage in stages:
@@ -274,17 +275,19 @@ def _run_stages(args, cfg, out: Path):
                                      "this run's env.id is empty (data-only source)")
                 print(f"rayworld pipeline: no env (env.id is empty), skipping {stage}")
                 continue
+            note = ""
             if args.command != "pipeline":
-                warn_by_hand(stage, step_cfg, out)
+                note = warn_by_hand(stage, step_cfg, out)
             elif not prepare(stage, step_cfg, out, skip_done=not args.force):
                 continue
+            ran = True
             kwargs = {"episodes": getattr(args, "episodes", None)} \
                 if stage == "evaluate" else {}
-            run_stage(stage, step_cfg, out, **kwargs)
+            run_stage(stage, step_cfg, out, note=note, **kwargs)
             if stage == "evolve":
                 dream_gif(step_cfg, out)
             write_summary(out)
-    if args.command == "pipeline":
+    if args.command == "pipeline" and ran:  # how many rounds made what is there now
         update_report(out, iterations=iterations)
     save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
     print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "

@@ -18,6 +18,7 @@ from pathlib import Path
 OURS = re.compile(r"^(vae|mdn)( epoch \d+/\d+)?: ")
 LOG = "logs/ray.log"
 _saved: list = []  # the console handlers `to_file` took off the ray logger
+_saved_propagate: list = []
 
 
 @contextlib.contextmanager
@@ -45,12 +46,15 @@ def to_file(out: Path, verbose: bool) -> Path:
         for h in _saved:
             logger.removeHandler(h)
     logger.addHandler(handler)
+    _saved_propagate[:] = [logger.propagate]
     logger.propagate = False  # with no handler of its own, a record would reach stderr
     return path
 
 
-def filter_workers(out: Path):
-    """After ray.init: worker lines that are rayworld's reach the console, every line the file.
+def filter_workers(out: Path, verbose: bool = False):
+    """After ray.init: every worker line goes to the file; rayworld's own lines, Ray's
+    scheduling messages (a resource request that cannot be met), and with `verbose` all the
+    rest, reach the console too.
 
     Ray forwards worker output through one dispatcher in its driver (a private module): if
     its shape changes, this leaves Ray's own printing as it is.
@@ -65,15 +69,21 @@ def filter_workers(out: Path):
     path = Path(out) / LOG
 
     def handle(data: dict):
-        lines = data.get("lines") or []
-        who = data.get("actor_name") or data.get("task_name") or ""
-        with open(path, "a") as f:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            for line in lines:
-                f.write(f"{stamp} ({who} pid={data.get('pid')}) {line}\n")
-        ours = [line for line in lines if OURS.match(line)]
-        if ours and not data.get("is_err"):
-            print_lines({**data, "lines": ours}, ignore_prefix=True)
+        try:
+            lines = data.get("lines") or []
+            who = data.get("actor_name") or data.get("task_name") or ""
+            with open(path, "a") as f:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                for line in lines:
+                    f.write(f"{stamp} ({who} pid={data.get('pid')}) {line}\n")
+            if verbose or data.get("pid") in ("autoscaler", "raylet"):
+                print_lines(data, ignore_prefix=False)
+                return
+            ours = [line for line in lines if OURS.match(line)]
+            if ours and not data.get("is_err"):
+                print_lines({**data, "lines": ours}, ignore_prefix=True)
+        except Exception:  # the log file gone, a full disk: print as Ray would, never stop
+            print_lines(data, ignore_prefix=False)
 
     try:
         names = [name for name, _ in dispatcher.handlers]
@@ -99,4 +109,6 @@ def restore():
     for h in _saved:
         logger.addHandler(h)
     _saved.clear()
+    if _saved_propagate:
+        logger.propagate = _saved_propagate.pop()
     sys.stdout.flush()

@@ -172,7 +172,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         gen0, hist = 0, {k: [] for k in ("dream_best", "dream_mean", "dream_worst", "real_gen",
                                          "real_mean", "dream_check")}
     writer = tb_writer(run_dir, "evolve")
-    tracker = Tracker.open(cfg, run_dir, "evolve")
+    tracker = None
     real_seeds = [cfg.evaluate.seed + 10_000 + i for i in range(e.real_episodes)]
     horizon = cfg.evaluate.max_steps
     where = "scored in the dream" if e.where == "dream" else "scored in the real env"
@@ -181,6 +181,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     # the anchor holds candidates to CMA-ES's start (cma keeps it as x0, so a resume has it)
     anchor_ref = np.asarray(es.x0, np.float64) if e.anchor > 0 else None
     try:
+        tracker = Tracker.open(cfg, run_dir, "evolve")
         if gen0 == 0:
             if e.init == "clone" and e.real_episodes:  # what cloning alone gives
                 dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, 0)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayworld.config import stage_keys
+from rayworld.config import Config, stage_keys
 from rayworld.io import atomic_write_json, read_json, update_report
 
 STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
@@ -106,16 +106,25 @@ def status(stage: str, cfg, out: Path) -> Status:
         return _import_status(cfg, out)
     try:
         reached, asked = count(stage, cfg, out)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError):
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, EOFError):
         return Status(stage, "missing")
+    if stage == "collect":
+        from rayworld.data import Manifest
+
+        info = Manifest.load(out / "data").info
+        if info.get("env_id") != cfg.env.id:  # data is never set aside: say so, run nothing
+            return Status(stage, "stale", f"the data is from {info.get('env_id')}, env.id is "
+                                          f"{cfg.env.id}; use another --out")
     record = read_json(out / PROVENANCE, {}).get(stage)
     if stage == "encode" and record is None:  # encode checks its VAE itself
         record = {"keys": {}, "inputs": {}}
     if record is None:  # a run from before provenance: counts only
         state = "done" if reached >= asked else "resume"
         return Status(stage, state, "no provenance record: counts only")
-    changed = [f"{k} changed ({record['keys'].get(k)!r} -> {v!r})"
-               for k, v in stage_keys(stage, cfg).items() if record["keys"].get(k) != v]
+    # a key added to rayworld after the record was written had its default then
+    was = {**stage_keys(stage, Config()), **record["keys"]}
+    changed = [f"{k} changed ({was.get(k)!r} -> {v!r})"
+               for k, v in stage_keys(stage, cfg).items() if was.get(k) != v]
     changed += [f"{k} was set ({record['keys'][k]!r}), now it is not"
                 for k in record["keys"] if k not in stage_keys(stage, cfg)]
     if changed:
@@ -133,9 +142,11 @@ def status(stage: str, cfg, out: Path) -> Status:
     if reached < asked:
         more = f"{reached} of {asked}" + (f", on changed {', '.join(moved)}" if moved else "")
         return Status(stage, "resume", more)
+    if moved and reached > asked:  # a later round of --iterations made it: a re-run of an
+        return Status(stage, "done", f"{reached} of {asked}: ahead of this round")  # early one
     if moved:
         return Status(stage, "stale", f"{', '.join(moved)} changed since it ran")
-    return Status(stage, "done")
+    return Status(stage, "done", record.get("note", ""))
 
 
 def statuses(cfg, out: Path) -> dict[str, Status]:
@@ -161,15 +172,22 @@ def _import_status(cfg, out: Path) -> Status:
     return Status("collect", "done" if done else "resume", f"imported from {cfg.source.kind}")
 
 
-def record(stage: str, cfg, out: Path):
-    """Write down what `stage` was just made from."""
+def record(stage: str, cfg, out: Path, note: str = ""):
+    """Write down what `stage` was just made from (`note`: how, when it is not plain)."""
     out = Path(out)
     prov = read_json(out / PROVENANCE, {})
     prov[stage] = {"keys": stage_keys(stage, cfg),
                    "inputs": {i: fingerprint(i, out) for i in INPUTS[stage]},
                    "output": fingerprint(stage, out),
-                   "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                   "at": time.strftime("%Y-%m-%d %H:%M:%S"), **({"note": note} if note else {})}
     atomic_write_json(out / PROVENANCE, prov)
+
+
+def forget(stage: str, out: Path):
+    """Drop a stage's record: what it makes from here on is new (a stale stage set aside)."""
+    prov = read_json(Path(out) / PROVENANCE, {})
+    if prov.pop(stage, None) is not None:
+        atomic_write_json(Path(out) / PROVENANCE, prov)
 
 
 def set_aside(stage: str, out: Path) -> Path | None:
@@ -178,8 +196,13 @@ def set_aside(stage: str, out: Path) -> Path | None:
     found = [ckpt / name for name in OUTPUTS.get(stage, ()) if (ckpt / name).exists()]
     if not found:
         return None
-    dest = ckpt / "stale" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.mkdir(parents=True, exist_ok=True)
+    stamp = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = ckpt / "stale" / stamp
+    n = 1
+    while dest.exists():  # twice in one second
+        n += 1
+        dest = ckpt / "stale" / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
     for path in found:
         shutil.move(str(path), str(dest / path.name))
     return dest
@@ -224,7 +247,7 @@ def collect_stage(cfg, run_dir: Path, log=print) -> dict:
     return collect(cfg, Path(run_dir), log)
 
 
-def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
+def run_stage(stage: str, cfg, out: Path, note: str = "", **kwargs) -> dict:
     """Run one stage and record its figures and provenance."""
     from rayworld.encode import encode
     from rayworld.evaluate import evaluate
@@ -240,12 +263,14 @@ def run_stage(stage: str, cfg, out: Path, **kwargs) -> dict:
 
         tracker = Tracker.open(cfg, out, stage)
         if tracker is not None:
-            tracker.log({f"{stage}/{k}": v for k, v in figures.items()}, 0)
-            tracker.close()
+            try:
+                tracker.log({f"{stage}/{k}": v for k, v in figures.items()}, 0)
+            finally:
+                tracker.close()
     wall = figures.pop("wall_s")
     update_report(out, **{k: v for k, v in figures.items() if v is not None},
                   wall_s={stage: round(wall, 2)})
-    record(stage, cfg, out)
+    record(stage, cfg, out, note)
     return figures
 
 
@@ -257,6 +282,7 @@ def prepare(stage: str, cfg, out: Path, skip_done: bool, log=print) -> bool:
         return False
     if st.state == "stale":
         where = set_aside(stage, out)
+        forget(stage, out)  # an interrupted re-run then resumes instead of starting over
         log(f"rayworld pipeline: {stage} is stale ({st.why}); running it again"
             + (f", the old outputs are in {where}" if where else ""))
     elif st.state == "resume":
@@ -264,17 +290,20 @@ def prepare(stage: str, cfg, out: Path, skip_done: bool, log=print) -> bool:
     return True
 
 
-def warn_by_hand(stage: str, cfg, out: Path, log=print):
+def warn_by_hand(stage: str, cfg, out: Path, log=print) -> str:
     """A stage run by hand does what it is told (it resumes from what is there); one line
-    says when that is built on something out of date, or differs from what made it."""
+    says when that is built on something out of date, or differs from what made it. Returns
+    the note its record then carries ("" when there is nothing to say)."""
     found = statuses(cfg, out)
     for u in upstream(stage):
         st = found[u]
         if st.state == "stale":
             log(f"rayworld {stage}: warning: {u} is stale ({st.why}); `rayworld pipeline` "
                 "redoes what changed")
-            return
+            return f"run by hand while {u} was stale"
     st = found[stage]
     if st.state == "stale" and stage in OUTPUTS and "will run first" not in st.why:
-        log(f"rayworld {stage}: warning: {st.why}; going on from the checkpoint there "
-            "(`rayworld pipeline` would start it over)")
+        log(f"rayworld {stage}: warning: {st.why}; going on from the checkpoint there, as "
+            "asked (`rayworld pipeline` instead would set it aside and start over)")
+        return f"resumed by hand after: {st.why}"
+    return ""

@@ -262,7 +262,7 @@ def controller_trial(config: dict):
     # PBT copies a donor's config and CMA-ES state: mix in this trial's id so the copy
     # samples its own candidates and dreams from here on.
     trial_id = tune.get_context().get_trial_id()  # "<experiment>_<index>": the index is stable
-    trial_seed = zlib.crc32(f"{config['_sweep_seed']}-{trial_id.rsplit('_', 1)[-1]}".encode()) \
+    trial_seed = zlib.crc32(f"{config.get('_sweep_seed', 0)}-{trial_id.rsplit('_', 1)[-1]}".encode()) \
         % 1_000_003
     np.random.seed((cfg.seed + trial_seed + gen) % 2**32)  # cma samples from numpy's global RNG
     interval = int(config["_checkpoint_every"])
@@ -320,19 +320,22 @@ def _scheduler(s: SweepConfig):
 
 def _prepare_data(sw: Sweep, out: Path, data: Path | None, log) -> Path:
     """The run whose data (and models) every trial shares; builds it in `out` if not given."""
-    from rayworld.pipeline import run_stage, status
+    from rayworld.pipeline import prepare, run_stage, status
 
     stage = sw.sweep.stage
     cfg = load_config(base=sw.base)
     run = Path(data) if data else out
     for need in NEEDS[stage]:
-        if status(need, cfg, run).state == "done":
+        st = status(need, cfg, run)
+        if st.state == "done":
             continue
         if data:
-            raise FileNotFoundError(f"--data {data}: {need} is not complete there; run "
-                                    f"`rayworld pipeline --out {data}` first, or leave out --data")
+            raise FileNotFoundError(f"--data {data}: {need} is {st.state} there"
+                                    + (f" ({st.why})" if st.why else "") + "; run `rayworld "
+                                    f"pipeline --out {data}` first, or leave out --data")
         log(f"rayworld tune: {need} for the shared data in {run}")
-        run_stage(need, cfg, run)
+        if prepare(need, cfg, run, skip_done=True, log=log):
+            run_stage(need, cfg, run)
     return run.resolve()
 
 

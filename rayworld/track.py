@@ -47,22 +47,29 @@ class Tracker:
         run_dir = Path(run_dir)
         name = f"{run_dir.name}-{stage}"
         keys = stage_keys(stage, cfg)  # what shaped this stage, not the whole config
-        wandb_run = mlflow = None
-        if t.wandb:
-            from ray.air.integrations.wandb import setup_wandb
+        tracker = cls(None, None)
+        try:
+            if t.wandb:
+                from ray.air.integrations.wandb import setup_wandb
 
-            os.environ.setdefault("WANDB_SILENT", "true")
-            wandb_run = setup_wandb(config=keys, project=t.wandb_project, group=run_dir.name,
-                                    job_type=stage, name=name, dir=str(run_dir),
-                                    mode=wandb_mode(), rank_zero_only=False, reinit=True)
-        if t.mlflow:
-            from ray.air.integrations.mlflow import setup_mlflow
+                os.environ.setdefault("WANDB_SILENT", "true")
+                # resume=False: Ray's default resumes the last unfinished W&B run of this
+                # directory, which may be another stage's
+                tracker.wandb_run = setup_wandb(
+                    config=keys, project=t.wandb_project, group=run_dir.name, job_type=stage,
+                    name=name, dir=str(run_dir), mode=wandb_mode(), rank_zero_only=False,
+                    reinit=True, resume=False)
+            if t.mlflow:
+                from ray.air.integrations.mlflow import setup_mlflow
 
-            mlflow = setup_mlflow(config=keys, tracking_uri=t.mlflow,
-                                  experiment_name=t.mlflow_experiment, run_name=name,
-                                  create_experiment_if_not_exists=True, rank_zero_only=False,
-                                  tags={"rayworld.run": str(run_dir), "rayworld.stage": stage})
-        return cls(wandb_run, mlflow)
+                tracker.mlflow = setup_mlflow(
+                    config=keys, tracking_uri=t.mlflow, experiment_name=t.mlflow_experiment,
+                    run_name=name, create_experiment_if_not_exists=True, rank_zero_only=False,
+                    tags={"rayworld.run": str(run_dir), "rayworld.stage": stage})
+        except Exception:
+            tracker.close()  # one tracker failing to start leaves no other run open
+            raise
+        return tracker
 
     def log(self, metrics: dict, step: int):
         numbers = {k: float(v) for k, v in metrics.items()

@@ -137,6 +137,14 @@ def test_pipeline_redoes_exactly_what_a_changed_key_made_stale(run, tmp_path, ca
     err_out = capsys.readouterr().out
     assert "rayworld train-mdn: warning: encode is stale (train-vae changed since it ran)" \
         in err_out
+    # a hand run on a changed key goes on from the checkpoint, and its record says so
+    assert _cli("pipeline", "--out", str(copy)) == 0
+    assert _cli("train-mdn", "--out", str(copy), "--set", "mdn.lr=0.003") == 0
+    assert "mdn.lr changed (0.002 -> 0.003); going on from the checkpoint there" in \
+        capsys.readouterr().out
+    assert _cli("status", "--run", str(copy)) == 0
+    shown = capsys.readouterr().out
+    assert "train-mdn: done (resumed by hand after: mdn.lr changed (0.002 -> 0.003))" in shown
 
 
 def test_rerun_resumes_from_last_checkpoint(run):
@@ -180,7 +188,8 @@ def test_results_script_rebuilds_the_command_and_reads_the_figures(run, tmp_path
     report = json.loads((run / "report.json").read_text())
     row = next(line for line in text.splitlines() if line.startswith("| 0 |"))
     cmd = row.split("`")[1]
-    assert cmd.startswith("rayworld pipeline --config tune_configs/quickstart.yaml --out runs/")
+    assert cmd.startswith("rayworld pipeline --config tune_configs/quickstart.yaml --out "
+                          "runs/quickstart-0 ")
     assert "--set collect.episodes=12" in cmd and "--set evolve.generations=6" in cmd
     assert "ray.cpus_per_worker" not in cmd and cmd.endswith("--set seed=0")
     assert f"{report['real_return_mean']:.2f} +/- {report['real_return_std']:.2f}" in row
