@@ -257,14 +257,23 @@ def _run_stages(args, cfg, out: Path):
     """One stage, or every stage of the pipeline (N iterations): what is up to date is
     skipped, what a changed key or input made stale is set aside and redone."""
     from rayworld.dreamgif import dream_gif
-    from rayworld.pipeline import iteration_config, prepare, run_stage, warn_by_hand
+    from rayworld.pipeline import (
+        first_round,
+        iteration_config,
+        prepare,
+        run_stage,
+        warn_by_hand,
+    )
     from rayworld.summary import write_summary
 
     stages = STAGES if args.command == "pipeline" else (args.command,)
     t0 = time.perf_counter()
     iterations = getattr(args, "iterations", 1)
     ran = False
-    for it in range(iterations):
+    start = first_round(cfg, out, iterations) if args.command == "pipeline" else 0
+    if start:
+        print(f"rayworld pipeline: rounds 1 to {start} are done; going on with round {start + 1}")
+    for it in range(start, iterations):
         step_cfg = iteration_config(cfg, it)
         for stage in stages:
             if it + 1 < iterations and stage == "evaluate":

@@ -247,6 +247,22 @@ def collect_stage(cfg, run_dir: Path, log=print) -> dict:
     return collect(cfg, Path(run_dir), log)
 
 
+def first_round(cfg, out: Path, iterations: int) -> int:
+    """Where a re-run of `--iterations N` picks up: the last round whose collection began.
+
+    Earlier rounds are done, and their stages must not be judged against the data a later
+    round has already added (a VAE trained for round 1's epochs would look stale).
+    """
+    from rayworld.data import Manifest
+
+    try:
+        have = len(Manifest.load(Path(out) / "data").shards)
+    except (FileNotFoundError, ValueError):
+        return 0
+    return max([it for it in range(1, iterations)
+                if have > iteration_config(cfg, it - 1).collect.episodes], default=0)
+
+
 def run_stage(stage: str, cfg, out: Path, note: str = "", **kwargs) -> dict:
     """Run one stage and record its figures and provenance."""
     from rayworld.encode import encode

@@ -158,6 +158,12 @@ def test_iterative_pipeline_collects_with_the_controller(tiny_run, tmp_path):
     assert torch.load(run / "checkpoints" / "mdn.pt", weights_only=True)["epoch"] == 4
     assert torch.load(run / "checkpoints" / "controller.pt", weights_only=True)["generation"] == 12
     assert read_json(run / "report.json")["evaluated_generation"] == 12
+    # a re-run picks up in round 2 and finds it done: round 1's stages are not judged
+    # against round 2's data
+    ctrl = (run / "checkpoints" / "controller.pt").read_bytes()
+    assert main(["pipeline", "--out", str(run), "--iterations", "2"]) == 0
+    assert (run / "checkpoints" / "controller.pt").read_bytes() == ctrl
+    assert not (run / "checkpoints" / "stale").exists()
 
 
 def test_iterations_without_generations_are_refused(tiny_run, capsys):

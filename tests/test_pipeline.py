@@ -195,3 +195,18 @@ def test_results_script_rebuilds_the_command_and_reads_the_figures(run, tmp_path
     assert f"{report['real_return_mean']:.2f} +/- {report['real_return_std']:.2f}" in row
     assert "1 seed(s) only" in text
     assert results.main([str(tmp_path), "--out", str(out)]) == 1  # no report.json there
+
+
+def test_an_interrupted_iterations_run_picks_up_in_the_round_whose_collection_began(tmp_path):
+    from rayworld.config import load_config
+    from rayworld.data import Manifest
+    from rayworld.pipeline import first_round
+
+    cfg = load_config(None, ["collect.episodes=40"])  # rounds collect up to 40, 80, 120
+    assert first_round(cfg, tmp_path, 3) == 0  # nothing collected yet
+    for have, want in [(40, 0), (41, 1), (80, 1), (81, 2), (120, 2)]:
+        shards = {e: {"file": f"episodes/ep-{e:06d}.parquet", "steps": 1, "return": 0.0,
+                      "bytes": 1} for e in range(have)}
+        Manifest(tmp_path / "data", {}, shards).save()
+        assert first_round(cfg, tmp_path, 3) == want, have
+    assert first_round(cfg, tmp_path, 1) == 0  # without --iterations: round 1 only
