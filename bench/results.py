@@ -12,6 +12,7 @@ fewer seeds is marked as such. Nothing here is typed by hand.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import statistics
@@ -30,6 +31,7 @@ OPERATIONAL = ("ray.", "track.", "collect.num_actors", "evolve.num_actors",
                "evolve.gpus_per_actor", "name")
 
 
+@functools.cache
 def preset_for(name: str) -> Path | None:
     for path in sorted((ROOT / "tune_configs").glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
@@ -38,9 +40,8 @@ def preset_for(name: str) -> Path | None:
     return None
 
 
-def command(run: Path) -> tuple[str, dict, int, Path | None]:
-    """The command that makes this run, the keys it sets beyond its preset, and its seed."""
-    cfg = load_config(run / "config.yaml")
+def command(run: Path, cfg, report: dict) -> tuple[str, dict]:
+    """The command that makes this run, and the keys it sets beyond its preset."""
     preset = preset_for(cfg.name)
     if preset is None:  # not a preset of this checkout: the run's own config is the command
         sets = {}
@@ -51,7 +52,6 @@ def command(run: Path) -> tuple[str, dict, int, Path | None]:
     parts = ["rayworld pipeline", f"--config {preset.relative_to(ROOT)}" if preset else
              f"--config {run / 'config.yaml'}"]
     parts.append(f"--out runs/{cfg.name}-{cfg.seed}")
-    report = json.loads((run / "report.json").read_text())
     # counts grow with each round of --iterations, so a run records how many it made
     iterations = report.get("iterations") or (
         round(report["generations"] / cfg.evolve.generations)
@@ -60,7 +60,7 @@ def command(run: Path) -> tuple[str, dict, int, Path | None]:
         parts.append(f"--iterations {iterations}")
     parts += [f"--set {shlex.quote(f'{k}={_yaml(v)}')}" for k, v in sorted(sets.items())]
     parts.append(f"--set seed={cfg.seed}")
-    return " ".join(parts), sets, cfg.seed, preset
+    return " ".join(parts), sets
 
 
 def _yaml(v) -> str:
@@ -75,10 +75,11 @@ def _fmt(x, digits=2) -> str:
 def table(runs: list[Path]) -> str:
     groups: dict[tuple, list] = {}
     for run in runs:
-        cmd, sets, seed, preset = command(run)
+        cfg = load_config(run / "config.yaml")
         report = json.loads((run / "report.json").read_text())
-        key = (load_config(run / "config.yaml").name, json.dumps(sets, sort_keys=True))
-        groups.setdefault(key, []).append((seed, cmd, report, preset))
+        cmd, sets = command(run, cfg, report)
+        key = (cfg.name, json.dumps(sets, sort_keys=True))
+        groups.setdefault(key, []).append((cfg.seed, cmd, report))
     out = []
     for (name, sets), members in sorted(groups.items()):
         members.sort(key=lambda m: m[0])
@@ -89,7 +90,7 @@ def table(runs: list[Path]) -> str:
                    "dream return, final | wall time |")
         out.append("| --- | --- | --- | --- | --- | --- | --- |")
         returns = []
-        for seed, cmd, r, _ in members:
+        for seed, cmd, r in members:
             real = r.get("real_return_mean")
             if real is not None:
                 returns.append(real)

@@ -7,7 +7,6 @@ records which VAE encoded it; a new VAE re-encodes everything.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -25,14 +24,14 @@ from rayworld.data import (
     shard_name,
     write_series,
 )
-from rayworld.io import progress
+from rayworld.io import file_id, progress
 from rayworld.train.common import load_model_file
 
 SERIES = "series.json"
 
 
 def vae_id(path: Path) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+    return file_id(path)
 
 
 def load_vae(path: Path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -66,3 +68,14 @@ def progress(total: int, desc: str, unit: str = "ep"):
     tty = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=tty,
                 mininterval=0.2 if tty else 5.0)
+
+
+def file_id(path) -> str:
+    """A file's content id (SHA-1, 16 hex digits), hashed once per size and mtime."""
+    st = os.stat(path)
+    return _file_id(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_id(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayworld.config import Config, stage_keys
-from rayworld.io import atomic_write_json, read_json, update_report
+from rayworld.io import atomic_write_json, file_id, read_json, update_report
 
 STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
 PROVENANCE = "provenance.json"
@@ -37,7 +37,8 @@ PROVENANCE = "provenance.json"
 INPUTS = {"collect": (), "train-vae": ("collect",), "encode": ("collect", "train-vae"),
           "train-mdn": ("encode",), "evolve": ("train-vae", "encode", "train-mdn"),
           "evaluate": ("train-vae", "train-mdn", "evolve")}
-# what a stale stage sets aside before it runs again
+# the file each stage's next stage reads, and what a stale stage sets aside
+CHECKPOINT = {"train-vae": "vae.pt", "train-mdn": "mdn.pt", "evolve": "controller.pt"}
 OUTPUTS = {"train-vae": ("vae.pt", "vae"), "train-mdn": ("mdn.pt", "mdn"),
            "evolve": ("controller.pt", "evolve_state.pkl")}
 
@@ -52,10 +53,6 @@ class Status:
         return f"{self.stage}: {self.state}" + (f" ({self.why})" if self.why else "")
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()[:16]
-
-
 def fingerprint(stage: str, out: Path) -> str | None:
     """What `stage` made, as it is on disk now; None if it has not made it."""
     out = Path(out)
@@ -64,11 +61,11 @@ def fingerprint(stage: str, out: Path) -> str | None:
         if stage in ("collect", "encode"):
             name = "manifest.json" if stage == "collect" else "series.json"
             shards = read_json(out / "data" / name)
-            return None if shards is None else _sha(json.dumps(
-                [shards.get("info"), shards.get("shards")], sort_keys=True).encode())
-        file = {"train-vae": "vae.pt", "train-mdn": "mdn.pt", "evolve": "controller.pt"}.get(stage)
-        if file:
-            return _sha((ckpt / file).read_bytes())
+            return None if shards is None else hashlib.sha1(json.dumps(
+                [shards.get("info"), shards.get("shards")], sort_keys=True).encode()
+            ).hexdigest()[:16]
+        if stage in CHECKPOINT:
+            return file_id(ckpt / CHECKPOINT[stage])
     except FileNotFoundError:
         return None
     return None  # evaluate: nothing reads what it makes
@@ -92,8 +89,7 @@ def count(stage: str, cfg, out: Path) -> tuple[int, int]:
             raise FileNotFoundError(out / "report.json")
         state = torch.load(out / "checkpoints" / "controller.pt", weights_only=True)
         return int(scored == state["generation"]), 1
-    name = {"train-vae": "vae.pt", "train-mdn": "mdn.pt", "evolve": "controller.pt"}[stage]
-    state = torch.load(out / "checkpoints" / name, weights_only=True)
+    state = torch.load(out / "checkpoints" / CHECKPOINT[stage], weights_only=True)
     asked = {"train-vae": cfg.vae.epochs, "train-mdn": cfg.mdn.epochs,
              "evolve": cfg.evolve.generations}[stage]
     return int(state["generation" if stage == "evolve" else "epoch"]), asked
@@ -130,15 +126,12 @@ def status(stage: str, cfg, out: Path) -> Status:
     if changed:
         return Status(stage, "stale", "; ".join(changed))
     moved = [i for i, fp in record["inputs"].items() if fingerprint(i, out) != fp]
-    if stage == "encode":  # an encoding belongs to one VAE; more episodes just add to it
-        from rayworld.encode import vae_id
-
-        series = read_json(out / "data" / "series.json", {})
-        try:
-            moved = [] if series.get("info", {}).get("vae") == vae_id(
-                out / "checkpoints" / "vae.pt") else ["train-vae"]
-        except FileNotFoundError:
+    if stage == "encode":  # an encoding belongs to one VAE (its id is the VAE's fingerprint)
+        vae = fingerprint("train-vae", out)
+        if vae is None:
             return Status(stage, "missing")
+        series = read_json(out / "data" / "series.json", {})
+        moved = [] if series.get("info", {}).get("vae") == vae else ["train-vae"]
     if reached < asked:
         more = f"{reached} of {asked}" + (f", on changed {', '.join(moved)}" if moved else "")
         return Status(stage, "resume", more)
@@ -290,9 +283,11 @@ def run_stage(stage: str, cfg, out: Path, note: str = "", **kwargs) -> dict:
     return figures
 
 
-def prepare(stage: str, cfg, out: Path, skip_done: bool, log=print) -> bool:
-    """The pipeline: whether `stage` runs, said in one line; a stale one is set aside first."""
-    st = status(stage, cfg, out)
+def prepare(stage: str, cfg, out: Path, skip_done: bool, log=print,
+            st: Status | None = None) -> bool:
+    """The pipeline: whether `stage` runs, said in one line; a stale one is set aside first.
+    `st`: its status, when the caller has it already."""
+    st = st or status(stage, cfg, out)
     if st.state == "done" and skip_done:
         log(f"rayworld pipeline: {stage} is up to date, skipping it")
         return False

@@ -334,7 +334,7 @@ def _prepare_data(sw: Sweep, out: Path, data: Path | None, log) -> Path:
                                     + (f" ({st.why})" if st.why else "") + "; run `rayworld "
                                     f"pipeline --out {data}` first, or leave out --data")
         log(f"rayworld tune: {need} for the shared data in {run}")
-        if prepare(need, cfg, run, skip_done=True, log=log):
+        if prepare(need, cfg, run, skip_done=True, log=log, st=st):
             run_stage(need, cfg, run)
     return run.resolve()
 
