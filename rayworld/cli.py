@@ -229,7 +229,7 @@ def main(argv=None) -> int:
 def _iterations_problem(iterations: int, cfg) -> str:
     if iterations < 1:
         return f"--iterations {iterations}: expected 1 or more"
-    if iterations > 1 and cfg.evolve.generations == 0:
+    if iterations > 1 and cfg.evolve.generations == 0 and cfg.controller.kind != "mpc":
         # each round resumes CMA-ES for more generations; 0 x N would count as done at once
         return (f"--iterations {iterations} needs evolve.generations > 0 (got 0): each round "
                 "evolves the controller further")
@@ -272,7 +272,8 @@ def _run_stages(args, cfg, out: Path):
     ran = False
     start = first_round(cfg, out, iterations) if args.command == "pipeline" else 0
     if start:
-        print(f"rayworld pipeline: rounds 1 to {start} are done; going on with round {start + 1}")
+        done = "round 1 is" if start == 1 else f"rounds 1 to {start} are"
+        print(f"rayworld pipeline: {done} done; going on with round {start + 1}")
     for it in range(start, iterations):
         step_cfg = iteration_config(cfg, it)
         for stage in stages:

@@ -150,7 +150,7 @@ def collect(cfg: Config, run_dir: Path, log=print) -> dict:
                          f"{info['obs_shape']}; use another --out")
     check_shards(manifest, log)
     if cfg.collect.policy in MODEL_KINDS:
-        require_world_model(cfg.collect.policy, run_dir)
+        require_world_model(cfg.collect.policy, run_dir, cfg)
     todo = [e for e in range(cfg.collect.episodes) if e not in manifest.shards]
     c = cfg.collect
     new_steps = 0

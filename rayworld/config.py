@@ -125,7 +125,9 @@ class MDNConfig:
 
 @dataclass
 class ControllerConfig:
-    kind: Literal["linear", "mlp"] = "linear"
+    # linear, mlp: a small policy evolved in the dream; mpc: no policy, the agent plans in the
+    # dream from every real frame (the plan.* keys)
+    kind: Literal["linear", "mlp", "mpc"] = "linear"
     # what it reads: [z, h], the paper's, or the frame's z alone (a reactive policy: the dream's
     # h late in a rollout need not look like the real env's)
     inputs: Literal["zh", "z"] = "zh"
@@ -169,6 +171,26 @@ class EvolveConfig:
     # starting controller's (the clone's) on the same state; 0: the plain dream return
     anchor: float = 0.0
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
+
+
+@dataclass
+class PlanConfig:
+    """controller.kind mpc: the cross-entropy method over action sequences in the dream, from
+    the agent's own [z, h] at every real step (rayworld.plan)."""
+
+    horizon: int = 12  # plan steps looked ahead; each holds its action action_repeat dream steps
+    candidates: int = 64  # action sequences per CEM iteration, all dreamt in one batch
+    iterations: int = 3  # CEM refinements per plan
+    elites: int = 8  # the best candidates that the next iteration's distribution is fitted to
+    action_repeat: int = 2  # real and dream steps per planned action; re-plans this often
+    rollouts: int = 1  # dreams per candidate (common random numbers across candidates)
+    tau: float = 0.0  # dream temperature; 0: the most likely component's mean, no noise
+    std: float = 0.5  # the first sampling std, as a share of each action's range
+    min_std: float = 0.05  # the std never shrinks below this share (keeps searching)
+    # as in evolve.*: the MDN-RNN's dropout kept on, how a dream's end counts, ensemble use
+    dropout: Literal["off", "rollout", "step"] = "off"
+    done: Literal["threshold", "survival"] = "survival"
+    ensemble: Literal["member", "pessimistic"] = "member"
 
 
 @dataclass
@@ -217,6 +239,7 @@ class Config:
     mdn: MDNConfig = field(default_factory=MDNConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -269,23 +292,32 @@ def _coerce(key: str, tp, value, label: str = "config key"):
     return value
 
 
-def _merge(obj, data: dict, prefix: str = ""):
+def merge(obj, data: dict, prefix: str = "", label: str = "config key",
+          aliases: dict | None = None):
+    """Set the dataclass `obj`'s fields from `data`, checking each value against its annotation.
+
+    Presets, sweep files and the RLlib file all go through here. `aliases` maps a key as users
+    spell it to the field's name (RLlib's `lambda` is the field `lambda_`); `label` names the
+    kind of key in errors.
+    """
+    spelled = {name: key for key, name in (aliases or {}).items()}
+    fields = {spelled.get(f.name, f.name): f.name for f in dataclasses.fields(obj)}
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
+        raise ConfigError(f"{label} '{prefix.rstrip('.') or '<root>'}': expected a mapping, "
                           f"got {data!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         full = prefix + str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{full}'; allowed here: {', '.join(names)}")
-        tp = hints[key]
+        if key not in fields:
+            raise ConfigError(f"unknown {label} '{full}'; allowed here: {', '.join(fields)}")
+        name = fields[key]
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            _merge(getattr(obj, key), value, full + ".")
+            merge(getattr(obj, name), value, full + ".", label, aliases)
         elif tp is dict and isinstance(value, dict):  # --set env.kwargs.host=x keeps the rest
-            setattr(obj, key, deep_update(getattr(obj, key), value))
+            setattr(obj, name, deep_update(getattr(obj, name), value))
         else:
-            setattr(obj, key, _coerce(full, tp, value))
+            setattr(obj, name, _coerce(full, tp, value, label))
 
 
 def _validate(cfg: Config):
@@ -358,6 +390,23 @@ def _validate(cfg: Config):
                           "'nuscenes' (driving logs have no env to play controllers in)")
     if cfg.source.kind == "env" and not cfg.env.id:
         raise ConfigError("config key 'env.id': empty, expected an env id when source.kind is 'env'")
+    if cfg.controller.kind == "mpc" and cfg.collect.policy == "random_controller":
+        raise ConfigError("config key 'collect.policy': got 'random_controller' with "
+                          "controller.kind 'mpc', expected a policy a planner can drive (a "
+                          "random controller needs weights; the planner has none)")
+    pc = cfg.plan
+    for key in ("horizon", "candidates", "iterations", "elites", "action_repeat", "rollouts",
+                "std"):
+        if getattr(pc, key) <= 0:
+            raise ConfigError(f"config key 'plan.{key}': got {getattr(pc, key)!r}, expected a "
+                              "value > 0")
+    for key in ("tau", "min_std"):
+        if getattr(pc, key) < 0:
+            raise ConfigError(f"config key 'plan.{key}': got {getattr(pc, key)!r}, expected a "
+                              "value >= 0")
+    if pc.elites > pc.candidates:
+        raise ConfigError(f"config key 'plan.elites': got {pc.elites}, expected at most "
+                          f"plan.candidates ({pc.candidates}): the elites are the best candidates")
     if cfg.data.val_every < 2:
         raise ConfigError("config key 'data.val_every': expected >= 2 (1 would hold out all data)")
 
@@ -370,7 +419,7 @@ STAGE_KEYS = {"collect": (), "encode": (),
         "train-vae": ("seed", "vae.", "data.val_every"),
         "train-mdn": ("seed", "mdn.", "data.val_every"),
         "evolve": ("seed", "evolve.", "controller.", "env.", "evaluate.env_kwargs"),
-        "evaluate": ("evaluate.", "controller.z", "env.")}
+        "evaluate": ("evaluate.", "controller.z", "env.", "plan.")}
 # counts that grow (a resume, not a change), and keys that only watch or place the work
 STAGE_COUNTS = {"train-vae": "vae.epochs", "train-mdn": "mdn.epochs", "evolve": "evolve.generations"}
 IGNORED = ("evolve.real_every", "evolve.real_episodes", "evolve.num_actors",
@@ -392,7 +441,9 @@ def stage_keys(stage: str, cfg) -> dict:
     """The config keys that shape `stage`'s output, without its count."""
     keys = flat(cfg)
     skip = (STAGE_COUNTS.get(stage), *IGNORED)
+    planner = cfg.controller.kind == "mpc"  # plan.* shapes nothing an evolved controller does
     return {k: v for k, v in sorted(keys.items()) if k not in skip and
+            (planner or not k.startswith("plan.")) and
             any(k == p or (p.endswith(".") and k.startswith(p)) for p in STAGE_KEYS[stage])}
 
 
@@ -430,22 +481,30 @@ def read_yaml(path: Path, what: str = "config file"):
         raise ConfigError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
+def layered(obj, apply, base: dict | None, path, overrides, what: str):
+    """`obj` (the defaults), then `base` (a saved, resolved dict), then the YAML at `path`, then
+    `--set` overrides, each through apply(obj, data, where); `where` starts every error."""
+    if base:
+        apply(obj, base, f"saved {what}")
+    if path is not None:
+        apply(obj, read_yaml(Path(path), what), str(path))
+    for item in overrides:
+        key, value = parse_set(item)
+        apply(obj, _nest(key, value), f"--set {item}")
+    return obj
+
+
+def _apply(cfg: Config, data: dict, where: str):
+    try:
+        merge(cfg, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 base: dict | None = None) -> Config:
     """Defaults, then `base` (a resolved dict), then the YAML file at `path`, then overrides."""
-    cfg = Config()
-    if base:
-        _merge(cfg, base)
-    if path is not None:
-        path = Path(path)
-        data = read_yaml(path)
-        try:
-            _merge(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    for item in overrides:
-        key, value = parse_set(item)
-        _merge(cfg, _nest(key, value))
+    cfg = layered(Config(), _apply, base, path, overrides, "config file")
     _validate(cfg)
     return cfg
 
@@ -460,7 +519,7 @@ def with_values(base: dict, values: dict) -> Config:
     """`base` (a resolved config dict) with dotted keys set, e.g. {"vae.lr": 3e-4}; validated."""
     cfg = load_config(base=base)
     for key, value in values.items():
-        _merge(cfg, _nest(key, value))
+        merge(cfg, _nest(key, value))
     _validate(cfg)
     return cfg
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from torch.func import functional_call, stack_module_state, vmap
 
 from rayworld.data import Manifest
 from rayworld.encode import SERIES
@@ -143,13 +142,18 @@ class BatchedDream:
         eps = torch.randn(n, w.latent, generator=gen, device=w.device)
         return w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
 
+    def begin(self, batch: int, generator: torch.Generator, shared: int = 1):
+        """New dropout masks and ensemble members for `batch` rollouts that start now (from
+        reset's real first frames, or from any state: a planner's current [z, h])."""
+        self.mask = self.new_mask(batch, shared, generator)
+        self.member = self.new_members(batch, shared, generator)
+
     @torch.no_grad()
     def reset(self, batch: int, generator: torch.Generator, shared: int = 1):
         w = self.world
         n = batch // shared
         z = self._start(n, generator)
-        self.mask = self.new_mask(batch, shared, generator)
-        self.member = self.new_members(batch, shared, generator)
+        self.begin(batch, generator, shared)
         return (z.repeat(shared, 1) if shared > 1 else z), w.mdn.initial_state(batch)
 
     @torch.no_grad()
@@ -180,8 +184,9 @@ class BatchedDream:
             if self.member is None or len(self.member) != len(z):  # stepped without reset
                 self.member = self.new_members(len(z), shared, generator)
             out = select_member(every, self.member)
-        noise = (self._draw(torch.rand, len(z), z.shape[1], shared, generator),
-                 self._draw(torch.randn, len(z), z.shape[1], shared, generator))
+        noise = None if self.tau <= 0 else (  # tau 0: the mean, nothing to draw
+            self._draw(torch.rand, len(z), z.shape[1], shared, generator),
+            self._draw(torch.randn, len(z), z.shape[1], shared, generator))
         z_next = sample_next(out, self.tau, noise=noise)
         reward = every.reward if mdn.reward_from == "h" else mdn.latent_reward(z, z_next)
         if mdn.ensemble > 1:  # [E, B]: the lowest, or the row's own member's
@@ -227,28 +232,35 @@ class BatchedDream:
 
 
 class Population:
-    """P controllers evaluated as one batched module (torch.func.vmap over stacked params)."""
+    """P controllers evaluated together: each layer is one batched matmul over the stacked
+    weights of every candidate (no per-candidate modules, no vmap)."""
 
     def __init__(self, template: Controller, flat_params: np.ndarray, repeats: int):
         self.template, self.repeats = template, repeats
-        models = []
-        for vec in np.array(np.atleast_2d(flat_params)):  # writable copy
-            m = copy.deepcopy(template)
-            m.set_flat(vec)
-            models.append(m)
-        self.params, self.buffers = stack_module_state(models)
-        self.size = len(models)
+        ref = next(template.parameters())
+        flat = torch.as_tensor(np.atleast_2d(flat_params), dtype=ref.dtype, device=ref.device)
+        if flat.shape[1] != template.num_params:
+            raise ValueError(f"expected {template.num_params} parameters, got {flat.shape[1]}")
+        self.size = len(flat)
+        self.layers, offset = [], 0
+        for layer in template.net:
+            if not isinstance(layer, torch.nn.Linear):
+                continue
+            w, b = layer.weight, layer.bias  # parameters() order: weight, then bias
+            weight = flat[:, offset:offset + w.numel()].view(self.size, *w.shape)
+            offset += w.numel()
+            bias = flat[:, offset:offset + b.numel()].view(self.size, 1, b.numel())
+            offset += b.numel()
+            self.layers.append((weight.transpose(1, 2).contiguous(), bias.contiguous()))
 
     def __call__(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         # rows are candidate-major: candidate p owns rows [p*repeats, (p+1)*repeats)
-        zs = z.reshape(self.size, self.repeats, -1)
-        hs = h.reshape(self.size, self.repeats, -1)
-
-        def one(params, buffers, zz, hh):
-            return functional_call(self.template, (params, buffers), (zz, hh))
-
-        out = vmap(one)(self.params, self.buffers, zs, hs)
-        return out.reshape(self.size * self.repeats, *out.shape[2:])
+        x = torch.cat([z, h[:, :self.template.hidden]], dim=1).view(self.size, self.repeats, -1)
+        for i, (weight, bias) in enumerate(self.layers):
+            x = torch.baddbmm(bias, x, weight)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return self.template.to_action(x.reshape(self.size * self.repeats, -1))
 
 
 def evaluate_population(dream: BatchedDream, template: Controller, flat_params: np.ndarray,

@@ -1,4 +1,5 @@
-"""`rayworld dream-gif`: the controller in its dream (decoded by the VAE) beside the real env."""
+"""`rayworld dream-gif`: the controller (or the planner) in its dream (decoded by the VAE)
+beside the real env."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float,
 
     obs, _ = runner.env.reset(seed=seed)
     runner.agent.set_params(params)
+    runner.agent.reseed(seed)
+    runner.agent.reset()
     dream = BatchedDream(runner.world, tau, steps, dropout)
     gen = torch.Generator().manual_seed(seed)
     dream.mask = dream.new_mask(1, 1, gen)
@@ -28,7 +31,7 @@ def dream_frames(runner, params, steps: int, seed: int, tau: float,
     frames = []
     for _ in range(steps):
         frames.append(_to_uint8(runner.agent.vae.decode(z)))
-        action = runner.controller(z, state[0][0])
+        action = runner.agent.decide(z, state)  # a planner plans inside this dream too
         z, state, _, done = dream.step(z, state, action, gen)
         if bool(done[0]):
             break
@@ -39,6 +42,7 @@ def real_frames(runner, params, steps: int, seed: int) -> list[np.ndarray]:
     from rayworld.policies import run_episode
 
     runner.agent.set_params(params)
+    runner.agent.reseed(seed)
     runner.agent.reset()
     return list(run_episode(runner.env, runner.agent, seed, steps)[0])
 

@@ -118,13 +118,16 @@ def return_stats(returns: np.ndarray, prefix: str) -> dict:
 def evaluate(cfg: Config, run_dir: Path, episodes: int | None = None, log=print) -> dict:
     start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
-    params, generation = load_controller_params(run_dir)
+    # a planner needs only the world model: any run can be scored with --set controller.kind=mpc
+    params, generation = (np.zeros(0), 0) if cfg.controller.kind == "mpc" else \
+        load_controller_params(run_dir)
     check_world_model(run_dir)
     n = episodes or cfg.evaluate.episodes
     played = play_real(run_dir, cfg, {"evaluate": params, "random": None}, n)
     ctrl, rand = played["evaluate"], played["random"]
     figures = {**return_stats(ctrl, "real_return"), **return_stats(rand, "random_return"),
                "episodes": n, "evaluated_generation": generation,
+               "controller_kind": cfg.controller.kind,
                "wall_s": time.perf_counter() - start}
     log(f"evaluate over {n} episodes: controller {figures['real_return_mean']:.2f} +/- "
         f"{figures['real_return_std']:.2f} (se {figures['real_return_se']:.2f}) | random "

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from rayworld.actors import close_and_kill
+from rayworld.actors import close_and_kill, keep_busy
 from rayworld.config import Config
 from rayworld.evaluate import RealRunner, run_episodes
 from rayworld.io import atomic_path
@@ -76,20 +76,18 @@ def _score(workers, params: np.ndarray, rollouts: int, seed: int, log,
     method = "dream_returns" if where == "dream" else "real_returns"
     extra = {"ref": ref} if ref is not None else {}  # the anchor: a dream cost only
     shares = [s for s in np.array_split(np.arange(len(params)), len(workers)) if len(s)]
+    names = {id(w): f"dream-evaluator-{i}" for i, w in enumerate(workers)}
     fitness = np.empty(len(params))
-    pending = {getattr(workers[i], method).remote(params[s], rollouts, seed, **extra): (i, s)
-               for i, s in enumerate(shares)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        i, share = pending.pop(done[0])
-        try:
-            fitness[share] = ray.get(done[0])
-        except ray.exceptions.RayActorError:
-            j = (i + 1) % len(workers)
-            log(f"evolve: dream-evaluator-{i} died; its {len(share)} candidates go to "
-                f"dream-evaluator-{j}")
-            pending[getattr(workers[j], method).remote(params[share], rollouts, seed,
-                                                       **extra)] = (j, share)
+
+    def submit(worker, share):
+        return getattr(worker, method).remote(params[share], rollouts, seed, **extra)
+
+    def died(worker, share):
+        log(f"evolve: {names[id(worker)]} died; its {len(share)} candidates go to another "
+            f"evaluator")
+
+    for share, done in keep_busy(workers, shares, submit, on_death=died):
+        fitness[share] = ray.get(done)
     return fitness
 
 
@@ -146,6 +144,15 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     run_dir = Path(run_dir).resolve()
     e = cfg.evolve
     ckpt = run_dir / "checkpoints"
+    if cfg.controller.kind == "mpc":
+        check_world_model(run_dir)
+        _save_controller(ckpt, np.zeros(0), 0, cfg)  # a record: evaluate and collect read it
+        log("evolve: controller.kind mpc plans in the dream at every real step; nothing to "
+            "evolve")
+        return {"generations": 0, "evolve_where": "nowhere: controller.kind mpc plans",
+                **dict.fromkeys(("dream_return_best", "dream_return_last_mean",
+                                 "dream_return_final", "evolve_real_return_mean_params")),
+                "wall_s": time.perf_counter() - start}
     state_path = ckpt / STATE
     check_world_model(run_dir)
     if state_path.exists():

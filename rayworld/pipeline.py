@@ -91,7 +91,7 @@ def count(stage: str, cfg, out: Path) -> tuple[int, int]:
         return int(scored == state["generation"]), 1
     state = torch.load(out / "checkpoints" / CHECKPOINT[stage], weights_only=True)
     asked = {"train-vae": cfg.vae.epochs, "train-mdn": cfg.mdn.epochs,
-             "evolve": cfg.evolve.generations}[stage]
+             "evolve": 0 if cfg.controller.kind == "mpc" else cfg.evolve.generations}[stage]
     return int(state["generation" if stage == "evolve" else "epoch"]), asked
 
 

@@ -362,8 +362,13 @@ class Agent:
                              f"checkpoints/mdn.pt was trained on latent {self.world.latent}; "
                              "re-run encode and train-mdn (or use another --out)")
         w = self.world
-        n_out = w.action_n if w.discrete else w.action_dim
-        self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
+        if cfg.controller.kind == "mpc":  # no weights: it plans in the dream at every step
+            from rayworld.plan import Planner
+
+            self.controller = Planner(w, cfg.plan, seed)
+        else:
+            n_out = w.action_n if w.discrete else w.action_dim
+            self.controller = make_controller(cfg, w.latent, w.hidden, n_out, w.discrete).eval()
         self.policy = self.controller
         self.noise, self.z_sample = float(noise), bool(z_sample)
         if not w.discrete:  # exploration clips to these; computed once, not every step
@@ -378,8 +383,12 @@ class Agent:
         self.reset()
 
     def set_params(self, params):
-        """Act with the evolved controller, with these flat parameters."""
-        self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+        """Act with the evolved controller, with these flat parameters (a planner has none)."""
+        if hasattr(self.controller, "set_flat"):
+            self.controller.set_flat(np.array(params))  # Ray hands over read-only arrays
+        elif np.size(params):
+            raise ValueError(f"a planner (controller.kind mpc) has no parameters, got "
+                             f"{np.size(params)}")
         self.policy = self.controller
 
     def set_policy(self, policy):
@@ -387,11 +396,23 @@ class Agent:
         self.policy = policy
 
     def reseed(self, seed: int):
-        """The agent's own noise (exploration, sampled z) for the next episode."""
+        """The agent's own noise (exploration, sampled z, a planner's samples) for the next
+        episode."""
         self.gen.manual_seed(int(seed))
+        if hasattr(self.policy, "reseed"):
+            self.policy.reseed(seed)
 
     def reset(self):
         self.state = self.world.mdn.initial_state(1)
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
+
+    def decide(self, z: torch.Tensor, state) -> torch.Tensor:
+        """The policy's action on (z, the MDN-RNN state): a planner reads the whole state,
+        any other policy reads h."""
+        if getattr(self.policy, "stateful", False):
+            return self.policy.act(z, state)
+        return self.policy(z, state[0][0])
 
     @torch.no_grad()
     def encode(self, obs) -> torch.Tensor:
@@ -413,7 +434,7 @@ class Agent:
     @torch.no_grad()
     def __call__(self, obs):
         z = self.encode(obs)
-        a = self.policy(z, self.state[0][0])
+        a = self.decide(z, self.state)
         if self.noise > 0:
             a = self._explore(a)
         _, self.state = self.world.mdn.step(z, a.float().reshape(1, -1), self.state)
@@ -443,9 +464,10 @@ def check_world_model(run_dir: Path):
     load_model_file(ckpt / "mdn.pt", "train-mdn")
 
 
-def require_world_model(kind: str, run_dir: Path):
+def require_world_model(kind: str, run_dir: Path, cfg):
     """One line, before any actor starts, when a policy in MODEL_KINDS has nothing to act with."""
-    needs = ("vae.pt", "mdn.pt") + ((CONTROLLER,) if kind == "controller" else ())
+    planner = cfg.controller.kind == "mpc"  # plans with the world model alone
+    needs = ("vae.pt", "mdn.pt") + ((CONTROLLER,) if kind == "controller" and not planner else ())
     missing = [p for p in needs if not (Path(run_dir) / "checkpoints" / p).exists()]
     if missing:
         raise FileNotFoundError(f"collect.policy {kind} acts through the world model, and "
@@ -453,13 +475,15 @@ def require_world_model(kind: str, run_dir: Path):
                                 "run train-vae, encode, train-mdn (and evolve) first, or "
                                 "collect with drive or brownian")
     check_world_model(run_dir)
-    if kind == "controller":
+    if kind == "controller" and not planner:
         load_controller_params(run_dir)
 
 
 def model_policy(kind: str, run_dir: Path, cfg, noise: float = 0.0) -> Agent:
     """A collection policy that acts through the run's world model (kinds in MODEL_KINDS)."""
-    require_world_model(kind, run_dir)
+    require_world_model(kind, run_dir, cfg)
     if kind == "random_controller":
         return RandomControllerAgent(run_dir, cfg)
+    if cfg.controller.kind == "mpc":  # the planner explores with the same noise
+        return Agent(run_dir, cfg, noise=noise)
     return Agent(run_dir, cfg, load_controller_params(run_dir)[0], noise=noise)

@@ -20,7 +20,6 @@ import json
 import math
 import shutil
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,7 +27,7 @@ from typing import Literal
 import torch
 import yaml
 
-from rayworld.config import ConfigError, _coerce, load_config, parse_set, read_yaml
+from rayworld.config import ConfigError, layered, load_config, merge
 from rayworld.io import atomic_path, atomic_write_text, update_report
 
 DREAM_ENV = "rayworld/Dream-v0"
@@ -81,51 +80,38 @@ _NON_NEGATIVE = ("time_budget_s", "vf_loss_coeff", "entropy_coeff", "grad_clip",
                  "num_env_runners", "num_learners", "num_gpus_per_learner", "checkpoint_every")
 
 
-def _check_value(key: str, tp, value):
-    """`value` checked against the annotation `tp` (rayworld.config's checker), then its range."""
-    value = _coerce(key, tp, value, label="rllib key")
-    if tp is list and not (value and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
-                                         for x in value)):
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected a non-empty list of "
-                          f"positive ints")
-    name = "lambda_" if key == "lambda" else key
-    if name in _POSITIVE and value <= 0:
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value > 0")
-    if name in _NON_NEGATIVE and value < 0:
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value >= 0")
-    if name in ("gamma", "lambda_") and not 0 <= value <= 1:
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value in [0, 1]")
-    if name in ("tau", "max_steps", "eval_episodes") and value is not None and value <= 0:
-        raise ConfigError(f"rllib key '{key}': got {value!r}, expected null or a value > 0")
-    return value
+def _check_ranges(rc: RLlibConfig):
+    """The ranges the annotations cannot say; the key named is the first one out of range."""
+    for f in dataclasses.fields(rc):
+        name, value = f.name, getattr(rc, f.name)
+        key = "lambda" if name == "lambda_" else name
+        if name == "hidden" and not (value and all(isinstance(x, int) and not isinstance(x, bool)
+                                                   and x > 0 for x in value)):
+            raise ConfigError(f"rllib key '{key}': got {value!r}, expected a non-empty list of "
+                              f"positive ints")
+        if name in _POSITIVE and value <= 0:
+            raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value > 0")
+        if name in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value >= 0")
+        if name in ("gamma", "lambda_") and not 0 <= value <= 1:
+            raise ConfigError(f"rllib key '{key}': got {value!r}, expected a value in [0, 1]")
+        if name in ("tau", "max_steps", "eval_episodes") and value is not None and value <= 0:
+            raise ConfigError(f"rllib key '{key}': got {value!r}, expected null or a value > 0")
 
 
 def _apply(rc: RLlibConfig, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of rllib keys, got {data!r}")
-    hints = typing.get_type_hints(RLlibConfig)
-    allowed = ["lambda" if f.name == "lambda_" else f.name for f in dataclasses.fields(rc)]
-    for key, value in data.items():
-        name = "lambda_" if key == "lambda" else str(key)
-        if name not in hints or key == "lambda_":
-            raise ConfigError(f"{where}: unknown rllib key '{key}'; allowed: {', '.join(allowed)}")
-        try:
-            setattr(rc, name, _check_value(str(key), hints[name], value))
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+    try:
+        merge(rc, data, label="rllib key", aliases={"lambda": "lambda_"})
+        _check_ranges(rc)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_rllib_config(path: str | Path | None = None, overrides: list[str] = (),
                       base: dict | None = None) -> RLlibConfig:
-    """Defaults, then `base` (a saved rllib.yaml), then the YAML at `path`, then overrides."""
-    rc = RLlibConfig()
-    if base:
-        _apply(rc, base, "saved rllib config")
-    if path is not None:
-        _apply(rc, read_yaml(Path(path), "rllib config file"), str(path))
-    for item in overrides:
-        key, value = parse_set(item)
-        _apply(rc, {key: value}, f"--set {item}")
+    """Defaults, then `base` (a saved rllib.yaml), then the YAML at `path`, then overrides:
+    the same layers and checks as the pipeline's config (rayworld.config.layered)."""
+    rc = layered(RLlibConfig(), _apply, base, path, overrides, "rllib config")
     if rc.minibatch_size > rc.train_batch_size:
         raise ConfigError(f"rllib key 'minibatch_size': {rc.minibatch_size} is larger than "
                           f"train_batch_size {rc.train_batch_size}")

@@ -16,6 +16,7 @@ ROWS = [
     ("predict_reward_corr", "open-loop predicted vs real reward (correlation)", "{:.2f}"),
     ("predict_done_precision", "open-loop done head: precision", "{:.2f}"),
     ("predict_done_recall", "open-loop done head: recall", "{:.2f}"),
+    ("controller_kind", "controller kind", "{}"),
     ("evolve_where", "controller evolved in", "{}"),
     ("dream_return_final", "controller dream return (at the real horizon)", "{:.2f}"),
     ("real_return_mean", "controller real return (mean)", "{:.2f}"),

@@ -35,10 +35,10 @@ import yaml
 
 from rayworld.config import (
     ConfigError,
-    _merge,
     _nest,
     deep_update,
     load_config,
+    merge,
     parse_set,
     read_yaml,
     save_config,
@@ -104,7 +104,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (),
     sweep_data, base_name = data.pop("sweep"), data.pop("base", None)
     sweep = SweepConfig()
     try:
-        _merge(sweep, sweep_data, "sweep.")
+        merge(sweep, sweep_data, "sweep.")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     trial_sets = []
@@ -113,7 +113,7 @@ def load_sweep(path: str | Path, overrides: list[str] = (),
         if key.startswith("sweep.space."):  # space keys are dotted config keys themselves
             sweep.space[key[len("sweep.space."):]] = value
         elif key.startswith("sweep."):
-            _merge(sweep, _nest(key[len("sweep."):], value), "sweep.")
+            merge(sweep, _nest(key[len("sweep."):], value), "sweep.")
         else:
             trial_sets.append(item)
     base_path = None
@@ -155,6 +155,9 @@ def _check_space(sweep: SweepConfig, base: dict, path: Path):
     if sweep.stage == "controller" and base["evolve"]["generations"] < 1:
         raise ConfigError(f"{path}: evolve.generations is {base['evolve']['generations']}; "
                           "a controller sweep needs at least 1")
+    if sweep.stage == "controller" and base["controller"]["kind"] == "mpc":
+        raise ConfigError(f"{path}: controller.kind is 'mpc', a planner with nothing to evolve; "
+                          "a controller sweep needs linear or mlp")
 
 
 def _domain(spec: dict):
@@ -167,6 +170,28 @@ def _domain(spec: dict):
     if kind == "randint":
         return tune.randint(int(low), int(high) + 1)
     return tune.loguniform(low, high) if kind == "loguniform" else tune.uniform(low, high)
+
+
+def _mutation(spec: dict):
+    """What PBT perturbs: a choice as a list, so explore shifts it to a neighbouring value
+    (Tune multiplies a tune.choice's value by 0.8 or 1.2, leaving the list: 8 -> 9.6)."""
+    kind, arg = next(iter(spec.items()))
+    return list(arg) if kind == "choice" else _domain(spec)
+
+
+def _within(space: dict):
+    """PBT's explore step scales a value by 0.8 or 1.2, which can leave the space (tau 1.3 ->
+    1.56): clip it back to the space's bounds."""
+    bounds = {k: [float(a) for a in arg] for k, spec in space.items()
+              for kind, arg in spec.items() if kind != "choice"}
+
+    def explore(config: dict) -> dict:
+        for key, (low, high) in bounds.items():
+            if key in config:
+                value = min(max(config[key], low), high)
+                config[key] = int(round(value)) if isinstance(config[key], int) else value
+        return config
+    return explore
 
 
 def _hparams(config: dict) -> dict:
@@ -312,9 +337,10 @@ def _scheduler(s: SweepConfig):
     if sc.type == "pbt":
         return PopulationBasedTraining(
             time_attr=time_attr, perturbation_interval=sc.perturbation_interval,
-            hyperparam_mutations={k: _domain(v) for k, v in s.space.items()},
+            hyperparam_mutations={k: _mutation(v) for k, v in s.space.items()},
             quantile_fraction=sc.quantile_fraction,
-            resample_probability=sc.resample_probability)
+            resample_probability=sc.resample_probability,
+            custom_explore_fn=_within(s.space))
     return FIFOScheduler()
 
 

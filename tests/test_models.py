@@ -429,3 +429,35 @@ def test_controller_on_z_alone_ignores_h_and_has_fewer_params():
 
     pop = Population(z_only, np.stack([z_only.get_flat()] * 2), repeats=5)
     torch.testing.assert_close(pop(z.repeat(2, 1), h1.repeat(2, 1)), z_only(z, h1).repeat(2, 1))
+
+
+@pytest.mark.parametrize("ensemble,reward_from,masked,discrete",
+                         [(1, "h", False, False), (3, "h", True, False),
+                          (1, "latents", True, False), (2, "latents", False, True)])
+def test_fused_step_matches_the_lstm_and_heads_it_fuses(ensemble, reward_from, masked, discrete):
+    """A dream step (two matmuls) gives what forward() gives, step after step."""
+    torch.manual_seed(0)
+    mdn = MDNRNN(latent=6, action_dim=1 if discrete else 3, hidden=16, mixtures=4,
+                 action_n=5 if discrete else 0, dropout=0.2, ensemble=ensemble,
+                 reward_from=reward_from).eval()
+    z = torch.randn(7, 6)
+    mask = mdn.dropout_mask(7) if masked else None
+    fused = slow = None
+    for _ in range(5):
+        a = torch.randint(5, (7, 1)) if discrete else torch.rand(7, 3)
+        out, fused = mdn.step(z, a, fused, mask)
+        ref, slow = mdn.forward(z.unsqueeze(1), a.unsqueeze(1), slow, mask)
+        t_dim = 2 if ensemble > 1 else 1
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got, want.squeeze(t_dim) if want is not ref.h
+                                       else want.squeeze(1), rtol=1e-5, atol=1e-6)
+        for got, want in zip(fused, slow):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        z = out.mu[..., 0] if ensemble == 1 else out.mu[0, ..., 0]
+    # new weights (a training step, load_state_dict) are picked up
+    with torch.no_grad():
+        mdn.done_head.bias += 1.0
+    out, _ = mdn.step(z, a, fused, mask)
+    ref, _ = mdn.forward(z.unsqueeze(1), a.unsqueeze(1), slow, mask)
+    torch.testing.assert_close(out.done_logit, ref.done_logit.squeeze(t_dim), rtol=1e-5,
+                               atol=1e-6)

@@ -92,6 +92,36 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
         load_sweep(ROOT / "tune_configs/controller_pbt.yaml", ["evolve.generations=0"])
 
 
+def test_pbt_explore_stays_inside_the_search_space():
+    """Tune's explore step scales by 0.8 or 1.2; the scheduler rayworld builds clips it."""
+    import random
+
+    from ray.tune.schedulers.pbt import _explore
+
+    from rayworld.sweep import _scheduler
+
+    sw = load_sweep(ROOT / "tune_configs/controller_pbt.yaml",
+                    ["sweep.space.evolve.population={randint: [8, 24]}"])
+    pbt = _scheduler(sw.sweep)
+    random.seed(0)
+    seen = {"evolve.tau": set(), "evolve.population": set(), "evolve.sigma0": set(),
+            "evolve.rollouts": set()}
+    for tau, population, sigma0 in [(1.3, 24, 0.3), (0.8, 8, 0.03)]:
+        start = {"evolve.tau": tau, "evolve.population": population, "evolve.sigma0": sigma0,
+                 "evolve.rollouts": 8}
+        for _ in range(50):
+            new, _ = _explore(start, pbt._hyperparam_mutations, 0.0, (1.2, 0.8),
+                              pbt._custom_explore_fn)
+            for key, value in new.items():
+                seen[key].add(value)
+    assert min(seen["evolve.tau"]) == pytest.approx(0.8) and \
+        max(seen["evolve.tau"]) == pytest.approx(1.3)
+    assert sorted(round(t, 6) for t in seen["evolve.tau"]) == [0.8, 0.96, 1.04, 1.3]
+    assert seen["evolve.population"] == {8, 10, 19, 24}  # ints stay ints: 8x1.2 -> 10, 24x0.8 -> 19
+    assert 0.03 <= min(seen["evolve.sigma0"]) and max(seen["evolve.sigma0"]) <= 0.3
+    assert seen["evolve.rollouts"] == {4, 16}  # a choice shifts along its list
+
+
 def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

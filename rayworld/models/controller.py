@@ -28,7 +28,10 @@ class Controller(nn.Module):
         return self.net(torch.cat([z, h[..., :self.hidden]], dim=-1))
 
     def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        o = self.logits(z, h)
+        return self.to_action(self.logits(z, h))
+
+    def to_action(self, o: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> the env's action (a population shares this step)."""
         if self.discrete:
             return o.argmax(-1)
         o = torch.tanh(o)

@@ -13,6 +13,7 @@ LOG_SIGMA_MIN = -7.0
 LOG_SIGMA_MAX = 3.0
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 REWARD_FROM = ("h", "latents")
+SMALL_BATCH = 16  # MDNRNN.step: up to this many rows, torch.lstm_cell beats nn.LSTM's kernel
 
 
 class MDNOut(NamedTuple):
@@ -109,16 +110,82 @@ class MDNRNN(nn.Module):
         return self._heads(h, reward), state
 
     def step(self, z: torch.Tensor, a: torch.Tensor, state=None, h_mask=None):
-        """One step for B parallel dreams; same LSTM call as forward with T=1."""
-        out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state, h_mask)
-        t_dim = 2 if self.ensemble > 1 else 1  # after the member dim
-        return MDNOut(*(t.squeeze(t_dim) for t in out[:-1]), out.h.squeeze(1)), state
+        """One step for B parallel dreams: forward with T=1, in as few kernels as the batch
+        allows. Dreams and planners spend nearly all their time here.
+
+        The LSTM: nn.LSTM's own kernel (oneDNN on CPU) for a batch of rollouts; for a few rows
+        (an agent in the real env, a planner's small batch) torch.lstm_cell, which skips
+        nn.LSTM's per-call set-up (a third of the time at batch 1). The heads: one matmul for
+        the mixture, reward and done heads together. No autograd (eval mode).
+        """
+        if self.training:  # dropout and autograd as forward() has them
+            out, state = self.forward(z.unsqueeze(1), a.unsqueeze(1), state, h_mask)
+            t_dim = 2 if self.ensemble > 1 else 1  # after the member dim
+            return MDNOut(*(t.squeeze(t_dim) for t in out[:-1]), out.h.squeeze(1)), state
+        if state is None:
+            state = self.initial_state(len(z), z.device)
+        x = torch.cat([z, self.action_input(a).to(z.dtype)], dim=1)
+        lstm = self.lstm
+        if len(z) <= SMALL_BATCH:
+            h, c = torch.lstm_cell(x, (state[0][0], state[1][0]), lstm.weight_ih_l0,
+                                   lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+            state = (h.unsqueeze(0), c.unsqueeze(0))
+        else:
+            h, state = lstm(x.unsqueeze(1), state)
+            h = h.squeeze(1)
+        read = h if h_mask is None else h * h_mask.to(h.dtype)
+        w_heads, b_heads, packed = self._fused_heads()
+        if packed is not None and read.is_cpu and len(read) > 2:
+            heads = torch.ops.mkldnn._linear_pointwise(read.contiguous(), packed, b_heads,
+                                                       "none", [], "")
+        else:
+            heads = torch.addmm(b_heads, read, w_heads)
+        e, n_mdn = self.ensemble, self.mdn_head.out_features
+        p = heads[:, :n_mdn].view(len(h), e, self.latent, 3, self.mixtures)
+        p = p.squeeze(1) if e == 1 else p.movedim(1, 0)
+        reward = self._members_first(heads[:, n_mdn:n_mdn + e] if self.reward_from == "h" else
+                                     h.new_zeros(len(h), e))
+        done = self._members_first(heads[:, -e:])
+        return MDNOut(logit_pi=p[..., 0, :], mu=p[..., 1, :], log_sigma=p[..., 2, :],
+                      reward=reward, done_logit=done, h=h), state
+
+    def _fused_heads(self):
+        """Every head's weights side by side, rebuilt when any of them changes (an optimiser
+        step or load_state_dict bumps a parameter's version): (weight^T, bias, the weight
+        packed for oneDNN or None). On CPU, oneDNN's matmul (what nn.LSTM uses) runs this one
+        about twice as fast as the BLAS behind addmm on this size, and more on AMD CPUs."""
+        heads = [self.mdn_head] + ([self.reward_head] if self.reward_from == "h" else []) + \
+            [self.done_head]
+        params = [t for m in heads for t in (m.weight, m.bias)]
+        key = tuple((t.data_ptr(), t._version) for t in params)
+        if getattr(self, "_heads_key", None) != key:
+            with torch.no_grad():
+                weight = torch.cat([m.weight for m in heads])
+                self._heads_fused = (weight.t().contiguous(), torch.cat([m.bias for m in heads]),
+                                     _packed(weight))
+            self._heads_key = key
+        return self._heads_fused
 
     def dropout_mask(self, batch: int, generator=None, device=None) -> torch.Tensor:
         """An inverted-dropout mask [B, H] at the trained rate (all ones without dropout)."""
         device = device if device is not None else self.mdn_head.weight.device
         keep = torch.rand(batch, self.hidden, generator=generator, device=device) >= self.dropout
         return keep.float() / (1.0 - self.dropout)
+
+
+def _packed(weight: torch.Tensor):
+    """`weight` laid out for torch's oneDNN linear op, or None where that op is missing (a
+    GPU tensor, a build without oneDNN): MDNRNN.step then uses addmm."""
+    if not weight.is_cpu or weight.dtype != torch.float32 or \
+            not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1024)
+        x = torch.zeros(4, weight.shape[1])
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def select_member(out: MDNOut, member) -> MDNOut:
@@ -194,7 +261,6 @@ def sample_next(out_step: MDNOut, tau: float = 1.0, generator=None, noise=None) 
     draw. Passing the same noise to several rollouts gives them common random numbers.
     """
     logits, mu = out_step.logit_pi, out_step.mu
-    log_sigma = out_step.log_sigma.clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
     if tau <= 0:
         idx = logits.argmax(-1, keepdim=True)
         return mu.gather(-1, idx).squeeze(-1)
@@ -203,9 +269,15 @@ def sample_next(out_step: MDNOut, tau: float = 1.0, generator=None, noise=None) 
         noise = (torch.rand(shape, generator=generator, device=dev),
                  torch.randn(shape, generator=generator, device=dev))
     u, eps = noise
-    cdf = F.softmax(logits.float() / tau, dim=-1).cumsum(-1)
-    # inverse CDF: cheaper than multinomial, and a shared u makes a shared choice
-    idx = (cdf < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
+    x = logits.float() if tau == 1 else logits.float() / tau
+    # inverse CDF: cheaper than multinomial, and a shared u makes a shared choice. The CDF is
+    # left unnormalised (u scaled by its total instead): softmax over a last dim of K = 5
+    # costs a dream step more than the rest of its sampling together.
+    cdf = (x - x.amax(-1, keepdim=True)).exp_().cumsum(-1)
+    idx = (cdf < u.unsqueeze(-1) * cdf[..., -1:]).sum(-1, keepdim=True) \
+        .clamp_(max=logits.shape[-1] - 1)
     mean = mu.gather(-1, idx).squeeze(-1)
-    sigma = log_sigma.gather(-1, idx).squeeze(-1).exp() * math.sqrt(tau)
+    # the chosen component's sigma only: clamping all K first would do K times the work
+    log_sigma = out_step.log_sigma.gather(-1, idx).squeeze(-1).clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX)
+    sigma = log_sigma.exp() if tau == 1 else log_sigma.exp() * math.sqrt(tau)
     return mean + sigma * eps.to(mean.dtype)
