@@ -150,8 +150,9 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
         log("evolve: controller.kind mpc plans in the dream at every real step; nothing to "
             "evolve")
         return {"generations": 0, "evolve_where": "nowhere: controller.kind mpc plans",
-                **dict.fromkeys(("dream_return_best", "dream_return_last_mean",
-                                 "dream_return_final", "evolve_real_return_mean_params")),
+                **dict.fromkeys(("dream_return_best", "dream_return_last_mean",  # stale
+                                 "dream_return_final", "dream_return_final_horizon",
+                                 "evolve_real_return_mean_params")),
                 "wall_s": time.perf_counter() - start}
     state_path = ckpt / STATE
     check_world_model(run_dir)

@@ -47,11 +47,14 @@ def read_json(path, default=None):
 
 
 def update_report(run_dir, **figures):
-    """Merge figures into run_dir/report.json. `wall_s` dicts are merged key by key."""
+    """Merge figures into run_dir/report.json. `wall_s` dicts are merged key by key; a None
+    removes the figure."""
     path = Path(run_dir) / "report.json"
     report = read_json(path, {})
     for key, value in figures.items():
-        if isinstance(value, dict) and isinstance(report.get(key), dict):
+        if value is None:
+            report.pop(key, None)
+        elif isinstance(value, dict) and isinstance(report.get(key), dict):
             report[key].update(value)
         else:
             report[key] = value

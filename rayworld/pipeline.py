@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayworld.config import Config, stage_keys
+from rayworld.config import Config, flat, stage_keys
 from rayworld.io import atomic_write_json, file_id, read_json, update_report
 
 STAGES = ("collect", "train-vae", "encode", "train-mdn", "evolve", "evaluate")
@@ -115,14 +115,23 @@ def status(stage: str, cfg, out: Path) -> Status:
     if stage == "encode" and record is None:  # encode checks its VAE itself
         record = {"keys": {}, "inputs": {}}
     if record is None:  # a run from before provenance: counts only
+        if stage == "evolve":  # and the controller's kind, which its checkpoint records
+            import torch
+
+            kind = torch.load(out / "checkpoints" / CHECKPOINT[stage],
+                              weights_only=True).get("kind", "linear")
+            if kind != cfg.controller.kind:
+                return Status(stage, "stale", f"controller.pt holds a {kind} controller, "
+                                              f"controller.kind is {cfg.controller.kind}")
         state = "done" if reached >= asked else "resume"
         return Status(stage, state, "no provenance record: counts only")
-    # a key added to rayworld after the record was written had its default then
-    was = {**stage_keys(stage, Config()), **record["keys"]}
-    changed = [f"{k} changed ({was.get(k)!r} -> {v!r})"
-               for k, v in stage_keys(stage, cfg).items() if was.get(k) != v]
+    # a key added to rayworld after the record was written, or one that did not apply then
+    # (plan.* before controller.kind mpc), had its default then
+    now, every = stage_keys(stage, cfg), flat(cfg)
+    was = {**flat(Config()), **record["keys"]}
+    changed = [f"{k} changed ({was.get(k)!r} -> {v!r})" for k, v in now.items() if was.get(k) != v]
     changed += [f"{k} was set ({record['keys'][k]!r}), now it is not"
-                for k in record["keys"] if k not in stage_keys(stage, cfg)]
+                for k in record["keys"] if k not in every]
     if changed:
         return Status(stage, "stale", "; ".join(changed))
     moved = [i for i, fp in record["inputs"].items() if fingerprint(i, out) != fp]
@@ -277,8 +286,8 @@ def run_stage(stage: str, cfg, out: Path, note: str = "", **kwargs) -> dict:
             finally:
                 tracker.close()
     wall = figures.pop("wall_s")
-    update_report(out, **{k: v for k, v in figures.items() if v is not None},
-                  wall_s={stage: round(wall, 2)})
+    # a figure this run of the stage has not got (None) is dropped: an old one would be stale
+    update_report(out, **figures, wall_s={stage: round(wall, 2)})
     record(stage, cfg, out, note)
     return figures
 
