@@ -146,7 +146,9 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
     ckpt = run_dir / "checkpoints"
     if cfg.controller.kind == "mpc":
         check_world_model(run_dir)
-        _save_controller(ckpt, np.zeros(0), 0, cfg)  # a record: evaluate and collect read it
+        saved = ckpt / CONTROLLER  # a record that evaluate and collect read; torch.save
+        if not saved.exists() or torch.load(saved, weights_only=True).get("kind") != "mpc":
+            _save_controller(ckpt, np.zeros(0), 0, cfg)  # never writes the same bytes twice
         log("evolve: controller.kind mpc plans in the dream at every real step; nothing to "
             "evolve")
         return {"generations": 0, "evolve_where": "nowhere: controller.kind mpc plans",

@@ -1,5 +1,5 @@
 """A small quickstart that must learn: a controller evolved only in the dream drives the real
-track, and so does the planner on the same world model. It fails when learning fails: standing still scores -step_cost per step, the random
+track. It fails when learning fails: standing still scores -step_cost per step, the random
 policy about -9.5, and only a car that makes progress along the track scores above 20."""
 
 import json
@@ -30,12 +30,3 @@ def test_dream_trained_controller_drives_the_real_track(ray_session, tmp_path):
     assert report["real_return_mean"] > standing_still + 20
     # the world model sees ahead: open-loop prediction beats holding the first frame still
     assert report["predict_psnr_db"]["10"] > report["predict_psnr_static_db"]["10"]
-    # the planner on the same world model drives too: it plans from every real frame, with no
-    # controller and no training, so this fails when the world model has not learned what gas
-    # and steering do
-    assert main(["evaluate", "--run", str(out), "--set", "controller.kind=mpc"]) == 0
-    planned = json.loads((out / "report.json").read_text())
-    assert planned["controller_kind"] == "mpc" and planned["real_return_mean"] > 20, planned
-    assert planned["real_return_mean"] - planned["random_return_mean"] > \
-        5 * (planned["real_return_se"] ** 2 + planned["random_return_se"] ** 2) ** 0.5
-
