@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,30 @@ def resolve_config(args):
     return load_config(args.config, args.set, base=base)
 
 
+LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def local_only():
+    """Start an in-process Ray on loopback. With this switch off (Ray's default on macOS and
+    Windows), Ray takes 127.0.0.1 as the node's address, and its GCS, raylet, workers and
+    agents bind 127.0.0.1 instead of every interface. Ray reads the switch at import and the
+    processes it starts inherit it; both are restored afterwards, so a `ray start` launched
+    later from this process still makes a cluster."""
+    from ray._private import ray_constants
+
+    before, flag = os.environ.get(LOCAL_ONLY), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if before is None:
+            os.environ.pop(LOCAL_ONLY, None)
+        else:
+            os.environ[LOCAL_ONLY] = before
+
+
 def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
              out: Path | None = None, verbose: bool = False):
     """Join a cluster when an address is given, else start Ray in this process. With `out`,
@@ -112,9 +137,10 @@ def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
         if address:
             ctx = ray.init(address=address, **kw)
         else:  # no dashboard_port: Ray then tries 8265 and the next 50 ports itself
-            ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-                           object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
-                           include_dashboard=dashboard, **kw)
+            with local_only():
+                ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+                               object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
+                               include_dashboard=dashboard, **kw)
     if out is not None:
         console.to_file(out, verbose)
         console.filter_workers(out, verbose)
@@ -183,8 +209,27 @@ def _run_rllib(args) -> int:
     return _with_ray(args, "train-rllib", cfg, lambda: train_rllib(out, args.config, args.set))
 
 
+def _remote_dir(args) -> str:
+    """A run or data directory given as a URI (s3://, gs://, ...): today it would become a
+    local folder named "s3:", and nothing would reach the bucket. Say so instead."""
+    for flag in ("out", "data"):
+        value = getattr(args, flag, None) or ""
+        m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
+        if m and m.group(1).lower() != "file":
+            return (f"--{flag} {value}: run directories in object storage ({m.group(1)}://) "
+                    f"are not supported yet; give a local path, or a shared filesystem "
+                    f"mounted at the same path on every node")
+        if m:
+            setattr(args, flag, value[len("file://"):])
+    return ""
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    remote = _remote_dir(args)
+    if remote:  # before anything is written
+        print(f"rayworld {args.command}: {remote}", file=sys.stderr)
+        return 2
     if args.command == "tune":
         return _run_tune(args)
     if args.command == "train-rllib":

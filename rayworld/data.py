@@ -5,6 +5,8 @@ Layout of a run's data directory::
     data/episodes/ep-000012.parquet   one row per env step of episode 12
     data/manifest.json                the completed shards (episode -> file, steps, return)
     data/series/ep-000012.parquet     the same episode as VAE latents (mu, logvar), for the MDN-RNN
+    data/series/starts.npz            every encoded episode's first latent, for dream start-up
+    data/series.json                  the encoded episodes, and which VAE encoded them
 
 A shard holds a whole episode, so "exactly once" is per file: a shard appears under its final
 name only when complete (written to a temporary name, then renamed). Readers stream row groups
@@ -373,6 +375,43 @@ def first_latents(path) -> tuple[np.ndarray, np.ndarray]:
     except (pa.ArrowException, OSError) as e:
         raise damaged(path, e) from None
     return list_array(table.column("mu"))[0], list_array(table.column("logvar"))[0]
+
+
+STARTS = "series/starts.npz"  # every encoded episode's first latent, in one file
+
+
+def save_starts(data_dir, vae: str, starts: dict):
+    """Write {episode: (mu, logvar)} of the first frames, for the VAE `vae`, in one file: a
+    dream or agent actor then reads one file at start-up, not one per episode."""
+    eps = sorted(starts)
+    with atomic_path(Path(data_dir) / STARTS) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(f, vae=np.array(vae), episodes=np.array(eps, np.int64),
+                     mu=np.stack([starts[e][0] for e in eps]).astype(np.float32),
+                     logvar=np.stack([starts[e][1] for e in eps]).astype(np.float32))
+
+
+def load_starts(data_dir, vae: str) -> dict:
+    """{episode: (mu, logvar)} saved by `save_starts` for this VAE; {} when there is none, or
+    it is another VAE's, or it is unreadable (the series files still hold every latent)."""
+    path = Path(data_dir) / STARTS
+    try:
+        with np.load(path) as f:
+            if str(f["vae"]) != vae:
+                return {}
+            return {int(e): (m, v) for e, m, v in zip(f["episodes"], f["mu"], f["logvar"])}
+    except (OSError, ValueError, KeyError, EOFError):
+        return {}
+
+
+def start_latents(series: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Every encoded episode's first (mu, logvar), [N, Z] each, in episode order: from the
+    starts file, and from the series files only for episodes it lacks (runs encoded before
+    it existed)."""
+    starts = load_starts(series.root, series.info.get("vae", ""))
+    eps = sorted(series.shards)
+    pairs = [starts[e] if e in starts else first_latents(series.file(e)) for e in eps]
+    return np.stack([m for m, _ in pairs]), np.stack([v for _, v in pairs])
 
 
 def windows_per_episode(steps: int, seq_len: int, whole: bool = False) -> int:

@@ -59,7 +59,7 @@ class WorldModel:
 
     @classmethod
     def load(cls, run_dir: Path) -> WorldModel:
-        from rayworld.data import first_latents
+        from rayworld.data import start_latents
 
         run_dir = Path(run_dir)
         state = load_model_file(run_dir / "checkpoints" / "mdn.pt", "train-mdn")
@@ -71,13 +71,9 @@ class WorldModel:
         mdn.load_state_dict(state["model"])
         series = Manifest.load(run_dir / "data", SERIES, stage="encode")
         episodes = Manifest.load(run_dir / "data")
-        mus, logvars = [], []
-        for e in sorted(series.shards):  # every actor does this at start-up: keep it light
-            mu, logvar = first_latents(series.file(e))
-            mus.append(mu)
-            logvars.append(logvar)
-        return cls(mdn.eval(), torch.from_numpy(np.stack(mus)),
-                   torch.from_numpy(np.stack(logvars)), state["action_dim"],
+        mus, logvars = start_latents(series)  # every actor does this at start-up: one file
+        return cls(mdn.eval(), torch.from_numpy(mus), torch.from_numpy(logvars),
+                   state["action_dim"],
                    bool(episodes.info.get("discrete", False)),
                    int(episodes.info.get("action_n", 0)),
                    float(state.get("done_pos_weight", 1.0)))

@@ -18,9 +18,12 @@ from rayworld.config import Config
 from rayworld.data import (
     Manifest,
     ShardError,
+    first_latents,
     iter_frames,
     list_array,
+    load_starts,
     open_shard,
+    save_starts,
     shard_name,
     write_series,
 )
@@ -65,7 +68,8 @@ def _encode_episodes(vae_path: str, data_dir: str, jobs: list, obs_shape, batch:
                             table.column("terminated").to_numpy(zero_copy_only=False),
                             table.column("truncated").to_numpy(zero_copy_only=False),
                             meta={"episode": episode})
-        out.append({"episode": episode, "file": name, "steps": table.num_rows, "bytes": size})
+        out.append({"episode": episode, "file": name, "steps": table.num_rows, "bytes": size,
+                    "start": (mus[0][0], logvars[0][0])})
     return out
 
 
@@ -88,6 +92,7 @@ def encode(cfg: Config, run_dir: Path, log=print) -> dict:
         except ShardError:
             del series.shards[e]
     todo = sorted(e for e in episodes.shards if e not in series.shards)
+    starts = load_starts(data_dir, vid)
     if todo:
         cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         n_tasks = min(len(todo), cpus * 4)
@@ -100,10 +105,15 @@ def encode(cfg: Config, run_dir: Path, log=print) -> dict:
             while refs:
                 done, refs = ray.wait(refs, num_returns=1)
                 for entry in ray.get(done[0]):
+                    starts[entry["episode"]] = entry.pop("start")
                     series.shards[entry.pop("episode")] = entry
                     bar.update(1)
                 series.save()
     series.save()
+    missing = [e for e in series.shards if e not in starts]  # encoded before starts.npz
+    starts.update({e: first_latents(series.file(e)) for e in missing})
+    if todo or missing or len(starts) != len(series.shards):
+        save_starts(data_dir, vid, {e: starts[e] for e in series.shards})
     wall = time.perf_counter() - start
     log(f"encode: {len(series.shards)} episodes as latents ({len(todo)} new)")
     return {"encoded_episodes": len(series.shards), "wall_s": wall}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import random
 import shutil
 import tempfile
 import time
@@ -66,6 +65,7 @@ class SchedulerConfig:
     perturbation_interval: int = 4  # pbt: generations between exploit/explore steps
     quantile_fraction: float = 0.25  # pbt: the bottom fraction copies the top fraction
     resample_probability: float = 0.25  # pbt: resample from the space instead of x0.8/x1.2
+    synch: bool = True  # pbt: exploit only once every trial reached the interval (reproducible)
 
 
 @dataclass
@@ -327,7 +327,9 @@ def controller_trial(config: dict):
 # --- the sweep ---
 
 def _scheduler(s: SweepConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rayworld.pbt import SeededPBT
 
     sc = s.scheduler
     time_attr = "generation" if s.stage == "controller" else "epoch"
@@ -335,12 +337,12 @@ def _scheduler(s: SweepConfig):
         return ASHAScheduler(time_attr=time_attr, max_t=sc.max_t, grace_period=sc.grace_period,
                              reduction_factor=sc.reduction_factor)
     if sc.type == "pbt":
-        return PopulationBasedTraining(
-            time_attr=time_attr, perturbation_interval=sc.perturbation_interval,
+        return SeededPBT(
+            seed=s.seed, time_attr=time_attr, perturbation_interval=sc.perturbation_interval,
             hyperparam_mutations={k: _mutation(v) for k, v in s.space.items()},
             quantile_fraction=sc.quantile_fraction,
             resample_probability=sc.resample_probability,
-            custom_explore_fn=_within(s.space))
+            custom_explore_fn=_within(s.space), synch=sc.synch)
     return FIFOScheduler()
 
 
@@ -410,7 +412,6 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
                 # PBT restores a donor's checkpoint while the donor goes on: keep them all.
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if s.scheduler.type == "pbt" else 2)))
-    random.seed(s.seed)  # PBT's explore step draws from Python's random
     grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
     if len(grid) < s.num_samples or finished < len(grid):  # Ctrl-C: Tune returns early

@@ -184,3 +184,33 @@ def test_done_probability_undoes_the_positive_weight():
     logits = torch.tensor([0.0, float(np.log(10.0)), 5.0])
     np.testing.assert_allclose(world.done_prob(logits).numpy(), [1 / 11, 0.5, 1 / (1 + 10 * np.exp(-5))],
                                rtol=1e-5)
+
+
+def test_start_latents_are_read_from_one_file_written_at_encode(tiny_run, tmp_path):
+    """Dream and agent actors read every episode's first latent from data/series/starts.npz,
+    not from each series file; a run encoded before that file existed still loads."""
+    from rayworld.data import STARTS, Manifest, first_latents
+    from rayworld.encode import SERIES, encode
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    series = Manifest.load(run / "data", SERIES)
+    expected = np.stack([first_latents(series.file(e))[0] for e in sorted(series.shards)])
+    assert (run / "data" / STARTS).exists()
+    world = WorldModel.load(run)
+    np.testing.assert_array_equal(world.z0_mu.numpy(), expected)
+    # with every series file gone, start-up still has all it needs
+    hidden = tmp_path / "hidden"
+    shutil.move(run / "data" / "series", hidden)
+    (run / "data" / "series").mkdir()
+    shutil.copy(hidden / "starts.npz", run / "data" / STARTS)
+    np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
+    # an older run without the file: read from the series files, and encode writes it again
+    shutil.rmtree(run / "data" / "series")
+    shutil.move(hidden, run / "data" / "series")
+    (run / "data" / STARTS).unlink()
+    np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
+    cfg = load_config(run / "config.yaml")
+    encode(cfg, run, log=lambda _: None)
+    assert (run / "data" / STARTS).exists()
+    np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)

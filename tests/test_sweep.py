@@ -122,6 +122,39 @@ def test_pbt_explore_stays_inside_the_search_space():
     assert seen["evolve.rollouts"] == {4, 16}  # a choice shifts along its list
 
 
+def test_pbt_draws_from_its_own_stream_whatever_else_draws():
+    """PBT's explore and resample draws repeat for a sweep seed, however much the driver's
+    other code draws from Python's and numpy's global RNGs in between, and leave those alone."""
+    import random
+
+    import numpy as np
+    from ray.tune.schedulers.pbt import _explore
+
+    from rayworld.sweep import _scheduler
+
+    sw = load_sweep(ROOT / "tune_configs/controller_pbt.yaml", ["sweep.seed=3"])
+    start = {"evolve.tau": 1.0, "evolve.population": 16, "evolve.sigma0": 0.1,
+             "evolve.rollouts": 8}
+
+    def draws(noise: int) -> list:
+        pbt = _scheduler(sw.sweep)
+        pbt._resample_probability = 0.5  # both kinds of draw: resample (numpy) and shift
+        out = []
+        for i in range(20):
+            random.random(), np.random.random(noise + i)  # what else the driver draws
+            outer = random.getstate(), np.random.get_state()[1].copy()
+            out.append(pbt._own_random(_explore, start, pbt._hyperparam_mutations, 0.5,
+                                       (1.2, 0.8), pbt._custom_explore_fn)[0])
+            assert random.getstate() == outer[0]
+            assert (np.random.get_state()[1] == outer[1]).all()
+        return out
+
+    first = draws(noise=1)
+    assert first == draws(noise=7)
+    assert len({tuple(sorted(d.items())) for d in first}) > 5  # they do vary
+    assert _scheduler(sw.sweep)._synch  # every trial at the interval before any is perturbed
+
+
 def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

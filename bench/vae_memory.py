@@ -1,0 +1,83 @@
+"""Peak memory of VAE training does not grow with the data: train-vae on 1x and on 10x the
+frames (real SimpleDriving episodes), one epoch each, side by side, and print the ratio of the
+peak resident memory of the whole process tree (the driver, Ray and its Train workers).
+
+    python bench/vae_memory.py [--episodes 20] [--scale 10] [--steps 200]
+
+Target: ratio <= 1.2. Frames stream from the Parquet shards through a bounded shuffle buffer
+(`data.shuffle_buffer`), so only the epoch's length should grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss(root: psutil.Process) -> int:
+    total = 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def rayworld(args: list[str], sample: bool = False) -> tuple[float, int]:
+    """Run a rayworld command; (wall seconds, peak RSS of its process tree in bytes)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "rayworld.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        if sample:
+            peak = max(peak, tree_rss(root))
+        time.sleep(0.1)
+    out = proc.stdout.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"rayworld {' '.join(args)} failed:\n{out[-2000:]}")
+    return time.perf_counter() - t0, peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=20, help="episodes at 1x")
+    p.add_argument("--scale", type=int, default=10)
+    p.add_argument("--steps", type=int, default=200, help="steps per episode")
+    args = p.parse_args()
+    common = ["--set", "ray.num_cpus=2", "--set", "ray.cpus_per_worker=1",
+              "--set", "ray.dashboard=false", "--set", "ray.object_store_mb=200"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rw-vae-memory-") as tmp:
+        for scale in (1, args.scale):
+            run = Path(tmp) / f"x{scale}"
+            n = args.episodes * scale
+            rayworld(["collect", "--out", str(run), "--set", f"collect.episodes={n}",
+                      "--set", f"collect.max_steps={args.steps}", *common])
+            wall, peak = rayworld(["train-vae", "--out", str(run), "--set", "vae.epochs=1",
+                                   *common], sample=True)
+            rows.append((scale, n * args.steps, wall, peak))
+    print(f"{'data':>5} {'frames':>8} {'wall (s)':>9} {'peak RSS (MiB)':>15}")
+    for scale, frames, wall, peak in rows:
+        print(f"{scale:>4}x {frames:>8} {wall:>9.1f} {peak / 2**20:>15.0f}")
+    ratio = rows[1][3] / rows[0][3]
+    print(f"peak RSS {args.scale}x / 1x: {ratio:.2f} (target <= 1.2: "
+          f"{'PASS' if ratio <= 1.2 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""A laptop run stays on the laptop: the Ray a run starts in-process listens on loopback only."""
+import ipaddress
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or addr).is_loopback
+
+
+def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
+    seen = set()
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return seen
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    seen.add((name, c.laddr.ip, c.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return seen
+
+
+def test_an_in_process_run_listens_on_loopback_only(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rayworld.cli", "collect", "--out", str(out),
+           "--set", "collect.episodes=12", "--set", "collect.max_steps=300",
+           "--set", "ray.num_cpus=1", "--set", "ray.object_store_mb=100",
+           "--set", "ray.dashboard=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    root = psutil.Process(proc.pid)
+    seen: set = set()
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        seen |= _listening(root)
+        time.sleep(0.2)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, output
+    names = {name for name, _, _ in seen}
+    # the sockets were seen while Ray ran: its GCS and raylet, and the dashboard on
+    assert {"gcs_server", "raylet"} <= names, seen
+    exposed = sorted(s for s in seen if not _loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
