@@ -65,8 +65,8 @@ def main():
         root = Path(tempfile.mkdtemp(prefix="rw-startup-"))
         try:
             series = make_series(root, n, args.steps)
-            one = best_of(lambda: start_latents(Manifest.load(root, SERIES)), args.repeats)
-            many = best_of(lambda: per_file(Manifest.load(root, SERIES)), args.repeats)
+            one = best_of(lambda r=root: start_latents(Manifest.load(r, SERIES)), args.repeats)
+            many = best_of(lambda r=root: per_file(Manifest.load(r, SERIES)), args.repeats)
             assert np.array_equal(start_latents(series)[0], per_file(series))
             print(f"{n:>9} {one:>15.4f} {many:>13.4f} {many / one:>6.1f}x")
         finally:
