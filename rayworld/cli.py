@@ -136,9 +136,9 @@ def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
     with console.quiet_start(out, verbose) if out is not None else contextlib.nullcontext():
         if address:
             ctx = ray.init(address=address, **kw)
-        else:  # no dashboard_port: Ray then tries 8265 and the next 50 ports itself
-            with local_only():
-                ctx = ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+        else:  # "local": a new Ray even when a `ray start` cluster runs on this machine
+            with local_only():  # no dashboard_port: Ray tries 8265 and the next 50 itself
+                ctx = ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(),
                                object_store_memory=cfg.ray.object_store_mb * 1024 * 1024,
                                include_dashboard=dashboard, **kw)
     if out is not None:

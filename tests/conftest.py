@@ -11,7 +11,8 @@ def start_ray(dashboard: bool = False):
     import ray
 
     kwargs = {"dashboard_port": free_ports()[0]} if dashboard else {}
-    ray.init(num_cpus=2, include_dashboard=dashboard, object_store_memory=200 * 1024 * 1024,
+    ray.init(address="local", num_cpus=2, include_dashboard=dashboard,
+             object_store_memory=200 * 1024 * 1024,
              log_to_driver=False, **kwargs)
     return ray
 

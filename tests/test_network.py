@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,26 @@ def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
     return seen
 
 
-def test_an_in_process_run_listens_on_loopback_only(tmp_path):
+@pytest.fixture
+def stale_cluster_file():
+    """The file `ray start` leaves to say where a cluster runs, pointing at none: a plain
+    ray.init() would try to join it instead of starting Ray in-process."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    before = path.read_text() if path.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("127.0.0.1:1")
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(before)
+
+
+def test_an_in_process_run_listens_on_loopback_only(tmp_path, stale_cluster_file):
+    """Without --address a run starts its own Ray (never a cluster a stale file names), and
+    every port that Ray opens listens on loopback."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rayworld.cli", "collect", "--out", str(out),
            "--set", "collect.episodes=12", "--set", "collect.max_steps=300",
