@@ -4,6 +4,7 @@ a Ray of its own:
 
     python tests/multinode_faults.py collect OUT
     python tests/multinode_faults.py evolve RUN OUT
+    python tests/multinode_faults.py train RUN OUT
 
 A head with no CPUs (the driver's node) and two 1-CPU worker nodes. Mid-stage, one worker node
 is removed without warning and a fresh one joins, as a cluster's autoscaler would replace it.
@@ -122,10 +123,64 @@ def evolve_case(run: Path, out: Path) -> dict:
     return info
 
 
+def train_case(run: Path, out: Path) -> dict:
+    """train-vae with its Ray Train worker on a worker node; once the first checkpoint is
+    committed, that node is lost, and Ray Train must go on from the checkpoint elsewhere."""
+    from ray.util.state import list_actors
+
+    from rayworld.train import common
+    from rayworld.train.vae import train_vae
+
+    shutil.copytree(run / "data", out / "data")
+    shutil.copy(run / "config.yaml", out / "config.yaml")
+    cfg = load_config(out / "config.yaml", ["vae.epochs=3", "ray.max_failures=2",
+                                            "ray.num_workers=1", "ray.cpus_per_worker=1"])
+    c, nodes = cluster()
+    snapshot = out / "checkpoints" / "vae" / "checkpoint_manager_snapshot.json"
+
+    def committed() -> bool:  # Ray Train lists a checkpoint only once it is fully written
+        try:
+            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    def worker_node_first() -> bool:  # lose the node that runs the Train worker
+        if not committed():
+            return False
+        hosts = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                 if "RayTrainWorker" in (a.class_name or "")}
+        for i, n in enumerate(nodes):
+            if n.node_id in hosts:
+                nodes[0], nodes[i] = nodes[i], nodes[0]
+                return True
+        return False
+
+    info: dict = {}
+    t0 = time.time()
+    with_node_loss(c, nodes, lambda: train_vae(cfg, out, log=lambda line: None),
+                   worker_node_first, info)
+    info["wall_s"] = round(time.time() - t0, 1)
+    info["vae_epochs"] = info.pop("result")["vae_epochs"]
+    state = torch_state(Path(common.last_checkpoint_dir(out, "vae")) / "state.pt")
+    info["epoch"] = state["epoch"]
+    info["resumed_from"] = list(state["resumed_from"])
+    ray.shutdown()
+    c.shutdown()
+    return info
+
+
+def torch_state(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 if __name__ == "__main__":
     try:
         if sys.argv[1] == "collect":
             result = collect_case(Path(sys.argv[2]))
+        elif sys.argv[1] == "train":
+            result = train_case(Path(sys.argv[2]), Path(sys.argv[3]))
         else:
             result = evolve_case(Path(sys.argv[2]), Path(sys.argv[3]))
     finally:

@@ -1,6 +1,6 @@
 """Losing a node of a real multi-node Ray cluster (several raylets on this machine) mid-stage:
-collection writes every episode exactly once, and evolution completes every generation with
-the fitness it has without the loss. The cluster runs in its own process
+collection writes every episode exactly once, evolution completes every generation with the
+fitness it has without the loss, and Ray Train goes on from its last checkpoint. The cluster runs in its own process
 (tests/multinode_faults.py); the lost node is replaced, as an autoscaler would."""
 
 import json
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 from test_collect import _assert_exactly_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +48,13 @@ def test_evolve_loses_a_node_and_keeps_every_generations_fitness(tiny_run, tmp_p
         hist[name] = state["history"]
     for key in ("dream_best", "dream_mean", "dream_worst"):
         np.testing.assert_allclose(hist["faulted"][key], hist["reference"][key], rtol=1e-5)
+
+
+@pytest.mark.slow  # ~90 s: three VAE epochs, a lost node, and Ray Train's restart
+def test_training_loses_its_workers_node_and_resumes_from_the_last_checkpoint(tiny_run,
+                                                                               tmp_path):
+    result = _run("train", str(tiny_run), str(tmp_path))
+    assert result["node_removed_mid_stage"]
+    assert result["vae_epochs"] == 3 and result["epoch"] == 3
+    # it went on from the checkpoint committed before the loss, not from scratch
+    assert len(result["resumed_from"]) == 1 and 1 <= result["resumed_from"][0] < 3, result
