@@ -210,17 +210,17 @@ def _run_rllib(args) -> int:
 
 
 def _remote_dir(args) -> str:
-    """A run or data directory given as a URI (s3://, gs://, ...): today it would become a
-    local folder named "s3:", and nothing would reach the bucket. Say so instead."""
+    """A run or data directory given as a URI (s3://, gs://, ...) is refused before anything is
+    written: it would otherwise become a local folder named "s3:". file:///path is a path."""
     for flag in ("out", "data"):
         value = getattr(args, flag, None) or ""
-        m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
-        if m and m.group(1).lower() != "file":
-            return (f"--{flag} {value}: run directories in object storage ({m.group(1)}://) "
-                    f"are not supported yet; give a local path, or a shared filesystem "
-                    f"mounted at the same path on every node")
-        if m:
+        m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+)://", value)  # 2+ letters: not C://
+        if m and value.startswith("file:///"):
             setattr(args, flag, value[len("file://"):])
+        elif m:
+            return (f"{value}: run directories in object storage or on another host "
+                    f"({m.group(1)}://) are not supported yet; give a local path, or a shared "
+                    f"filesystem mounted at the same path on every node")
     return ""
 
 

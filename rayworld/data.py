@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,10 +398,11 @@ def load_starts(data_dir, vae: str) -> dict:
     path = Path(data_dir) / STARTS
     try:
         with np.load(path) as f:
-            if str(f["vae"]) != vae:
+            eps, mu, logvar = f["episodes"], f["mu"], f["logvar"]
+            if str(f["vae"]) != vae or not len(eps) == len(mu) == len(logvar):
                 return {}
-            return {int(e): (m, v) for e, m, v in zip(f["episodes"], f["mu"], f["logvar"])}
-    except (OSError, ValueError, KeyError, EOFError):
+            return {int(e): (m, v) for e, m, v in zip(eps, mu, logvar)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return {}
 
 

@@ -14,7 +14,6 @@ Prints one JSON line of what happened; the test checks the outputs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import sys
@@ -27,16 +26,24 @@ from ray.cluster_utils import Cluster
 
 from rayworld.config import load_config
 
-TEMP = f"/tmp/rw-mn-{os.getpid()}"  # short: Unix socket paths are limited to 107 bytes
+CLUSTERS: list[Cluster] = []
+
+
+def shutdown():
+    """Every cluster this process started, also when a case fails."""
+    ray.shutdown()
+    while CLUSTERS:
+        CLUSTERS.pop().shutdown()
 
 
 def cluster() -> tuple[Cluster, list]:
     with socket.socket() as s:  # the state API needs the dashboard: on a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = Cluster(initialize_head=True, head_node_args={  # its own temp dir: no stale files
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": port,
-        "temp_dir": TEMP})
+    # Ray's files (and the cluster's address file) go under $RAY_TMPDIR, which the test sets
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": port})
+    CLUSTERS.append(c)
     nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
@@ -89,8 +96,6 @@ def collect_case(out: Path) -> dict:
     info["episodes_new"] = info.pop("result")["episodes_new"]
     info["lines"] = lines
     info["restarts"] = restarts("collector-")
-    ray.shutdown()
-    c.shutdown()
     return info
 
 
@@ -118,8 +123,6 @@ def evolve_case(run: Path, out: Path) -> dict:
     with_node_loss(c, nodes, lambda: evolve(cfg, target, log=lines.append),
                    lambda: any("gen 1/" in ln for ln in lines), info)
     info.pop("result", None)
-    ray.shutdown()
-    c.shutdown()
     return info
 
 
@@ -164,8 +167,6 @@ def train_case(run: Path, out: Path) -> dict:
     state = torch_state(Path(common.last_checkpoint_dir(out, "vae")) / "state.pt")
     info["epoch"] = state["epoch"]
     info["resumed_from"] = list(state["resumed_from"])
-    ray.shutdown()
-    c.shutdown()
     return info
 
 
@@ -176,13 +177,9 @@ def torch_state(path: Path) -> dict:
 
 
 if __name__ == "__main__":
+    case = {"collect": collect_case, "evolve": evolve_case, "train": train_case}[sys.argv[1]]
     try:
-        if sys.argv[1] == "collect":
-            result = collect_case(Path(sys.argv[2]))
-        elif sys.argv[1] == "train":
-            result = train_case(Path(sys.argv[2]), Path(sys.argv[3]))
-        else:
-            result = evolve_case(Path(sys.argv[2]), Path(sys.argv[3]))
+        result = case(*map(Path, sys.argv[2:]))
     finally:
-        shutil.rmtree(TEMP, ignore_errors=True)
-    print(json.dumps({"temp": TEMP, **result}))
+        shutdown()
+    print(json.dumps(result))

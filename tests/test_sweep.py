@@ -142,11 +142,12 @@ def test_pbt_draws_from_its_own_stream_whatever_else_draws():
         out = []
         for i in range(20):
             random.random(), np.random.random(noise + i)  # what else the driver draws
-            outer = random.getstate(), np.random.get_state()[1].copy()
+            outer = random.getstate(), np.random.get_state()
             out.append(pbt._own_random(_explore, start, pbt._hyperparam_mutations, 0.5,
                                        (1.2, 0.8), pbt._custom_explore_fn)[0])
             assert random.getstate() == outer[0]
-            assert (np.random.get_state()[1] == outer[1]).all()
+            now = np.random.get_state()  # the key and the position within it
+            assert (now[1] == outer[1][1]).all() and now[2:] == outer[1][2:]
         return out
 
     first = draws(noise=1)
