@@ -88,11 +88,11 @@ def collect_case(out: Path) -> dict:
 
     c, nodes = cluster()
     info, lines = {}, []
-    cfg = load_config(None, ["collect.episodes=12", "collect.max_steps=1000",
+    cfg = load_config(None, ["collect.episodes=24", "collect.max_steps=1000",
                              "collect.num_actors=2"])
     ep_dir = out / "data" / "episodes"
     with_node_loss(c, nodes, lambda: collect(cfg, out, log=lines.append),
-                   lambda: len(list(ep_dir.glob("ep-*.parquet"))) >= 3, info)
+                   lambda: len(list(ep_dir.glob("ep-*.parquet"))) >= 2, info)
     info["episodes_new"] = info.pop("result")["episodes_new"]
     info["lines"] = lines
     info["restarts"] = restarts("collector-")

@@ -205,16 +205,17 @@ def test_start_latents_are_read_from_one_file_written_at_encode(tiny_run, tmp_pa
     (run / "data" / "series").mkdir()
     shutil.copy(hidden / "starts.npz", run / "data" / STARTS)
     np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
+    shutil.rmtree(run / "data" / "series")  # the series files back
+    shutil.move(hidden, run / "data" / "series")
     # another VAE's file is not read: the series files are
     from rayworld.data import load_starts, save_starts
+
     vid = series.info["vae"]
     assert len(load_starts(run / "data", vid)) == len(series.shards)
     save_starts(run / "data", "another-vae", {e: (m * 0 + 9, m) for e, (m, _) in
                                               load_starts(run / "data", vid).items()})
     np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
     # an older run without the file: read from the series files, and encode writes it again
-    shutil.rmtree(run / "data" / "series")
-    shutil.move(hidden, run / "data" / "series")
     (run / "data" / STARTS).unlink()
     np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
     cfg = load_config(run / "config.yaml")

@@ -56,9 +56,9 @@ def _cluster_processes(ray_tmp: str) -> list:
 def test_collect_loses_a_node_and_writes_every_episode_once(tmp_path):
     result = _run("collect", str(tmp_path))
     assert result.get("node_removed_mid_stage"), f"the stage ended before the node was lost: {result}"
-    assert result["episodes_new"] == 12
+    assert result["episodes_new"] == 24
     assert sum(result["restarts"].values()) >= 1, result  # the lost node's collector came back
-    _assert_exactly_once(tmp_path, 12)
+    _assert_exactly_once(tmp_path, 24)
 
 
 def test_evolve_loses_a_node_and_keeps_every_generations_fitness(tiny_run, tmp_path):
