@@ -8,6 +8,7 @@ processes (`ray stop` would also stop the test session's Ray), and the test fail
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -63,6 +64,7 @@ def head():
                 pass
         psutil.wait_procs(left, timeout=15)
     assert not _head_processes(psutil, temp, before), "the test head left processes running"
+    shutil.rmtree(temp, ignore_errors=True)  # its logs and sockets
 
 
 def _head_processes(psutil, temp: str, before: set) -> list:
