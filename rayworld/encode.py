@@ -93,6 +93,7 @@ def encode(cfg: Config, run_dir: Path, log=print) -> dict:
             del series.shards[e]
     todo = sorted(e for e in episodes.shards if e not in series.shards)
     starts = load_starts(data_dir, vid)
+    on_disk = set(starts)
     if todo:
         cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         n_tasks = min(len(todo), cpus * 4)
@@ -112,7 +113,7 @@ def encode(cfg: Config, run_dir: Path, log=print) -> dict:
     series.save()
     missing = [e for e in series.shards if e not in starts]  # encoded before starts.npz
     starts.update({e: first_latents(series.file(e)) for e in missing})
-    if todo or missing or len(starts) != len(series.shards):
+    if on_disk != set(series.shards):
         save_starts(data_dir, vid, {e: starts[e] for e in series.shards})
     wall = time.perf_counter() - start
     log(f"encode: {len(series.shards)} episodes as latents ({len(todo)} new)")

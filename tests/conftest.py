@@ -1,4 +1,8 @@
+import contextlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +33,36 @@ def free_ports(n: int = 1) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextlib.contextmanager
+def own_ray_tmp(prefix: str):
+    """A Ray temp root of its own for a subprocess, and the environment that points Ray at it
+    (its sessions and the address file `ray start` leaves go there), removed afterwards.
+    Short, under /tmp: Unix socket paths are limited to 107 bytes."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": path}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        yield Path(path), env
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def processes_naming(path: str, before: frozenset = frozenset()) -> list:
+    """Live processes (not in `before`) whose command line names `path`: a Ray started under
+    its own temp dir, whose processes a test must not leave behind."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid not in before and path in " ".join(p.info["cmdline"] or []) and \
+                    p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,8 @@ def train_case(run: Path, out: Path) -> dict:
     """train-vae with its Ray Train worker on a worker node; once the first checkpoint is
     committed, that node is lost, and Ray Train must go on from the checkpoint elsewhere."""
     from ray.util.state import list_actors
+    from test_train_scale import _committed_checkpoint, _last_state  # this script's folder
 
-    from rayworld.train import common
     from rayworld.train.vae import train_vae
 
     shutil.copytree(run / "data", out / "data")
@@ -139,16 +139,9 @@ def train_case(run: Path, out: Path) -> dict:
     cfg = load_config(out / "config.yaml", ["vae.epochs=3", "ray.max_failures=2",
                                             "ray.num_workers=1", "ray.cpus_per_worker=1"])
     c, nodes = cluster()
-    snapshot = out / "checkpoints" / "vae" / "checkpoint_manager_snapshot.json"
-
-    def committed() -> bool:  # Ray Train lists a checkpoint only once it is fully written
-        try:
-            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
 
     def worker_node_first() -> bool:  # lose the node that runs the Train worker
-        if not committed():
+        if not _committed_checkpoint(out / "checkpoints" / "vae"):
             return False
         hosts = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                  if "RayTrainWorker" in (a.class_name or "")}
@@ -164,16 +157,10 @@ def train_case(run: Path, out: Path) -> dict:
                    worker_node_first, info)
     info["wall_s"] = round(time.time() - t0, 1)
     info["vae_epochs"] = info.pop("result")["vae_epochs"]
-    state = torch_state(Path(common.last_checkpoint_dir(out, "vae")) / "state.pt")
+    state = _last_state(out, "vae")
     info["epoch"] = state["epoch"]
     info["resumed_from"] = list(state["resumed_from"])
     return info
-
-
-def torch_state(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, weights_only=True)
 
 
 if __name__ == "__main__":

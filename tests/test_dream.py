@@ -189,7 +189,7 @@ def test_done_probability_undoes_the_positive_weight():
 def test_start_latents_are_read_from_one_file_written_at_encode(tiny_run, tmp_path):
     """Dream and agent actors read every episode's first latent from data/series/starts.npz,
     not from each series file; a run encoded before that file existed still loads."""
-    from rayworld.data import STARTS, Manifest, first_latents
+    from rayworld.data import STARTS, Manifest, first_latents, load_starts, save_starts
     from rayworld.encode import SERIES, encode
 
     run = tmp_path / "run"
@@ -208,8 +208,6 @@ def test_start_latents_are_read_from_one_file_written_at_encode(tiny_run, tmp_pa
     shutil.rmtree(run / "data" / "series")  # the series files back
     shutil.move(hidden, run / "data" / "series")
     # another VAE's file is not read: the series files are
-    from rayworld.data import load_starts, save_starts
-
     vid = series.info["vae"]
     assert len(load_starts(run / "data", vid)) == len(series.shards)
     save_starts(run / "data", "another-vae", {e: (m * 0 + 9, m) for e, (m, _) in

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from conftest import free_ports, processes_naming
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rayworld_env_steps", "rayworld_frames_written", "rayworld_train_loss",
@@ -56,28 +56,15 @@ def head():
     # `ray stop --force` would kill the session's Ray too, so do what it does to this head's
     # processes only: SIGTERM, then SIGKILL for what ignores it (gcs_server does)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = _head_processes(psutil, temp, before)
+        left = processes_naming(temp, before)
         for p in left:
             try:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(left, timeout=15)
-    assert not _head_processes(psutil, temp, before), "the test head left processes running"
+    assert not processes_naming(temp, before), "the test head left processes running"
     shutil.rmtree(temp, ignore_errors=True)  # its logs and sockets
-
-
-def _head_processes(psutil, temp: str, before: set) -> list:
-    """Every process started after `before` whose command line names the head's temp dir."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid not in before and temp in " ".join(p.info["cmdline"] or []) and \
-                    p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def _metrics(url: str) -> dict[str, float]:

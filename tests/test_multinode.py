@@ -4,17 +4,15 @@ fitness it has without the loss, and Ray Train goes on from its last checkpoint.
 (tests/multinode_faults.py); the lost node is replaced, as an autoscaler would."""
 
 import json
-import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
+from conftest import own_ray_tmp, processes_naming
 from test_collect import _assert_exactly_once
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,39 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args) -> dict:
     """Run one case in its own process, with Ray's files under a temp root of its own; fail if
     any of the cluster's processes outlives it."""
-    ray_tmp = tempfile.mkdtemp(prefix="rw-mn-", dir="/tmp")  # short: socket paths <= 107 bytes
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    try:
+    with own_ray_tmp("rw-mn-") as (ray_tmp, env):
         proc = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_faults.py"),
                                *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
                               env=env)
-        left = _cluster_processes(ray_tmp)
+        left = processes_naming(str(ray_tmp))
         gone, alive = psutil.wait_procs(left, timeout=15)  # workers end after their raylet
         for p in alive:
             p.kill()
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not alive, f"the cluster left processes running: {alive}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cluster_processes(ray_tmp: str) -> list:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if ray_tmp in " ".join(p.info["cmdline"] or []) and \
-                    p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return found
-
-
 def test_collect_loses_a_node_and_writes_every_episode_once(tmp_path):
     result = _run("collect", str(tmp_path))
-    assert result.get("node_removed_mid_stage"), f"the stage ended before the node was lost: {result}"
+    assert result.get("node_removed_mid_stage"), f"the stage ended before the loss: {result}"
     assert result["episodes_new"] == 24
     assert sum(result["restarts"].values()) >= 1, result  # the lost node's collector came back
     _assert_exactly_once(tmp_path, 24)
@@ -63,7 +44,7 @@ def test_collect_loses_a_node_and_writes_every_episode_once(tmp_path):
 
 def test_evolve_loses_a_node_and_keeps_every_generations_fitness(tiny_run, tmp_path):
     result = _run("evolve", str(tiny_run), str(tmp_path))
-    assert result.get("node_removed_mid_stage"), f"the stage ended before the node was lost: {result}"
+    assert result.get("node_removed_mid_stage"), f"the stage ended before the loss: {result}"
     assert any("died" in line for line in result["lines"]), result["lines"]
     hist = {}
     for name in ("reference", "faulted"):
@@ -78,7 +59,7 @@ def test_evolve_loses_a_node_and_keeps_every_generations_fitness(tiny_run, tmp_p
 def test_training_loses_its_workers_node_and_resumes_from_the_last_checkpoint(tiny_run,
                                                                                tmp_path):
     result = _run("train", str(tiny_run), str(tmp_path))
-    assert result.get("node_removed_mid_stage"), f"the stage ended before the node was lost: {result}"
+    assert result.get("node_removed_mid_stage"), f"the stage ended before the loss: {result}"
     assert result["vae_epochs"] == 3 and result["epoch"] == 3
     # it went on from the checkpoint committed before the loss, not from scratch
     assert len(result["resumed_from"]) == 1 and 1 <= result["resumed_from"][0] < 3, result

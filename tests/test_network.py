@@ -1,14 +1,12 @@
 """A laptop run stays on the laptop: the Ray a run starts in-process listens on loopback only."""
 import ipaddress
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from conftest import own_ray_tmp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,31 +38,27 @@ def test_an_in_process_run_listens_on_loopback_only(tmp_path):
     """Without --address a run starts its own Ray (never a cluster that a stale address file
     names), and every port that Ray opens listens on loopback."""
     out = tmp_path / "run"
-    # Ray's temp root for this run only (short: Unix socket paths are limited to 107 bytes),
-    # holding the address file `ray start` leaves behind, pointing at a cluster that is gone
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rw-net-", dir="/tmp"))
-    (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "rayworld.cli", "collect", "--out", str(out),
            "--set", "collect.episodes=12", "--set", "collect.max_steps=300",
            "--set", "ray.num_cpus=1", "--set", "ray.object_store_mb=100",
            "--set", "ray.dashboard=true"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=env)
-    try:
-        root = psutil.Process(proc.pid)
-        seen: set = set()
-        deadline = time.time() + 240
-        while proc.poll() is None and time.time() < deadline:
-            seen |= _listening(root)
-            time.sleep(0.2)
-        output = proc.communicate(timeout=60)[0].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with own_ray_tmp("rw-net-") as (ray_tmp, env):
+        # the address file `ray start` leaves behind, naming a cluster that is gone
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env)
+        try:
+            root = psutil.Process(proc.pid)
+            seen: set = set()
+            deadline = time.time() + 240
+            while proc.poll() is None and time.time() < deadline:
+                seen |= _listening(root)
+                time.sleep(0.2)
+            output = proc.communicate(timeout=60)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 0, output
     names = {name for name, _, _ in seen}
     # the sockets were seen while Ray ran: its GCS and raylet, and the dashboard on
