@@ -65,6 +65,23 @@ def reference_rate(world, steps: int, tau: float = 1.0) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def matmul_bound(world, batch: int, steps: int) -> float:
+    """Steps/s if a dream step were nothing but its two big matmuls (the LSTM's gates and the
+    heads, at the batch's size): no step can beat it on these cores, whatever is fused."""
+    mdn, dev = world.mdn, world.device
+    gates = torch.cat([mdn.lstm.weight_ih_l0, mdn.lstm.weight_hh_l0], 1).t().contiguous()
+    heads = mdn._fused_heads()[0]  # every head's weight^T, as the step multiplies them
+    x = torch.randn(batch, gates.shape[0], device=dev)
+    h = torch.randn(batch, heads.shape[0], device=dev)
+    for _ in range(3):
+        x @ gates, h @ heads
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x @ gates, h @ heads
+    return batch * steps / (time.perf_counter() - t0)
+
+
 def _never_done(step):
     def wrapped(*args, **kwargs):
         z, state, reward, done = step(*args, **kwargs)
@@ -90,6 +107,7 @@ def main():
     reference = reference_rate(world, args.steps * 4)
     real = vector_rate("rayworld/CarRacing-v0", args.threads, args.real_seconds)
     b = args.population * args.rollouts
+    bound = matmul_bound(world, b, args.steps)
     print(f"device {args.device}, {args.threads} CPU thread(s)")
     print(f"dream, {b} rollouts batched      : {batched:10.0f} steps/s")
     print(f"dream, rayworld one at a time     : {single:10.0f} steps/s")
@@ -97,6 +115,8 @@ def main():
     print(f"real CarRacing-v3, {args.threads} proc(s)       : {real:10.0f} steps/s")
     print(f"batched / reference loop: {batched / reference:.1f}x (target >= 30x: "
           f"{'PASS' if batched / reference >= 30 else 'FAIL'})")
+    print(f"the step's matmuls alone, {b} rows: {bound:10.0f} steps/s = {bound / reference:.1f}x "
+          "the reference loop (no float32 step on these cores can pass it)")
     print(f"batched / rayworld one-at-a-time: {batched / single:.1f}x (target >= 10x: "
           f"{'PASS' if batched / single >= 10 else 'FAIL'})")
     print(f"batched dream / real CarRacing: {batched / real:.1f}x")

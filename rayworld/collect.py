@@ -54,12 +54,13 @@ class Collector:
         self.env = self._make_env()  # built now, so a bad kwarg fails before any episode
         self.out_dir = Path(out_dir)
         self.policy, self.sigma, self.compression = policy, sigma, compression
-        self.gas, self.agent = 0.7, None
+        self.gas, self.agent, self.lapses = 0.7, None, (0.002, 0.0)
         if cfg_dict is not None:
             from rayworld.config import load_config
 
             cfg = load_config(base=cfg_dict)
             self.gas = cfg.collect.gas
+            self.lapses = (cfg.collect.lapses, cfg.collect.straight_lapses)
             if policy in MODEL_KINDS:  # acts through the world model (iterative training)
                 import torch
 
@@ -85,7 +86,8 @@ class Collector:
             self.agent.reset()
             policy = self.agent
         else:
-            policy = make_policy(kind, self.env.action_space, seed, self.sigma, self.gas)
+            policy = make_policy(kind, self.env.action_space, seed, self.sigma, self.gas,
+                                 *self.lapses)
         return run_episode(self.env, policy, seed, max_steps)
 
     def run(self, episode: int, seed: int, max_steps: int, kind: str | None = None) -> dict:

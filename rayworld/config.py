@@ -55,6 +55,11 @@ class CollectConfig:
     # shares of the episodes that use another model-free policy, e.g. {drive: 0.25}: expert
     # data alone never shows what an action does away from the expert's states
     mix: dict = field(default_factory=dict)
+    # track: lapses per step, where the driver stops steering; straight_lapses: the share of
+    # them that hold the wheel straight for 30 to 150 steps, so the data shows where driving
+    # straight on leaves a bend (the others hold a random wheel for 10 to 60 steps)
+    lapses: float = 0.002
+    straight_lapses: float = 0.0
     num_actors: int = 0  # 0: one per CPU that Ray sees
     seed: int = 0  # episode i uses env seed `seed + i`
     # An env whose simulator server fails (CARLA) is rebuilt and the episode redone this often
@@ -170,6 +175,13 @@ class EvolveConfig:
     # a dream step costs anchor x the squared gap between the candidate's action and the
     # starting controller's (the clone's) on the same state; 0: the plain dream return
     anchor: float = 0.0
+    # where fitness dreams start. first: the episodes' first frames, LSTM state zero. data:
+    # start_states states drawn from every step of the collected episodes (the LSTM state
+    # teacher-forced up to there); short dreams from them (max_steps ~100) score a controller
+    # where the model is right, not in what a long open-loop dream drifts into. The real
+    # checks' dream score always starts at the first frames, as the real env does.
+    start: Literal["first", "data"] = "first"
+    start_states: int = 4096
     gpus_per_actor: float = 0.25  # with ray.use_gpu: dream evaluators share each GPU
 
 
@@ -334,7 +346,7 @@ def _validate(cfg: Config):
         "evolve.population": cfg.evolve.population, "evolve.rollouts": cfg.evolve.rollouts,
         "evolve.sigma0": cfg.evolve.sigma0,
         "evolve.tau": cfg.evolve.tau, "evolve.max_steps": cfg.evolve.max_steps,
-        "evolve.real_every": cfg.evolve.real_every,
+        "evolve.real_every": cfg.evolve.real_every, "evolve.start_states": cfg.evolve.start_states,
         "evolve.gpus_per_actor": cfg.evolve.gpus_per_actor, "evaluate.episodes": cfg.evaluate.episodes,
         "evaluate.max_steps": cfg.evaluate.max_steps,
     }
@@ -364,6 +376,10 @@ def _validate(cfg: Config):
     if cfg.evolve.anchor > 0 and cfg.evolve.where != "dream":
         raise ConfigError(f"config key 'evolve.anchor': got {cfg.evolve.anchor!r} with "
                           "evolve.where 'real', expected 0 (the anchor is a dream cost)")
+    for key in ("lapses", "straight_lapses"):
+        if not 0 <= getattr(cfg.collect, key) <= 1:
+            raise ConfigError(f"config key 'collect.{key}': got {getattr(cfg.collect, key)!r}, "
+                              "expected a share in [0, 1]")
     if not 0 < cfg.evolve.clone_top <= 1:
         raise ConfigError(f"config key 'evolve.clone_top': got {cfg.evolve.clone_top!r}, "
                           "expected a fraction in (0, 1]")

@@ -1,8 +1,9 @@
 """Stage 5, dream: the environment the world model imagines, batched over B rollouts.
 
 One forward pass of the MDN-RNN steps every rollout at once: B = population x rollouts per
-candidate. Dreams start from latents of real first frames (encoded by the VAE). A rollout
-ends when the done head says so (probability > 0.5) or at max_steps.
+candidate. Dreams start from latents of real first frames (encoded by the VAE), or from states
+anywhere in the collected episodes (`data_starts`). A rollout ends when the done head says so
+(probability > 0.5) or at max_steps.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ENSEMBLE_MODES = ("member", "pessimistic")
 
 @dataclass
 class WorldModel:
-    """The trained MDN-RNN plus the real first-frame latents that dreams start from."""
+    """The trained MDN-RNN plus the real latents that dreams start from: the episodes' first
+    frames (LSTM state zero), or, after `with_data_starts`, states anywhere in them."""
 
     mdn: MDNRNN
     z0_mu: torch.Tensor  # [N, Z]
@@ -38,6 +40,8 @@ class WorldModel:
     discrete: bool
     action_n: int
     done_pos_weight: float = 1.0  # the done head was trained with it; undone in done_prob
+    h0: torch.Tensor | None = None  # [N, H] the LSTM state at each start; None: zeros
+    c0: torch.Tensor | None = None
 
     @property
     def latent(self) -> int:
@@ -53,9 +57,10 @@ class WorldModel:
 
     def to(self, device) -> WorldModel:
         """A copy on `device` (e.g. "cuda"): dreams then run where the model is."""
+        move = (lambda t: None if t is None else t.to(device))
         return WorldModel(copy.deepcopy(self.mdn).to(device), self.z0_mu.to(device),
                           self.z0_logvar.to(device), self.action_dim, self.discrete,
-                          self.action_n, self.done_pos_weight)
+                          self.action_n, self.done_pos_weight, move(self.h0), move(self.c0))
 
     @classmethod
     def load(cls, run_dir: Path) -> WorldModel:
@@ -78,9 +83,66 @@ class WorldModel:
                    int(episodes.info.get("action_n", 0)),
                    float(state.get("done_pos_weight", 1.0)))
 
+    def with_data_starts(self, run_dir: Path, count: int, seed: int,
+                         sample: bool = True) -> WorldModel:
+        """A copy whose dreams start at `count` states drawn uniformly from every step of the
+        collected episodes: the frame's latent there, and the LSTM state after the episode's
+        real latents and actions up to it (teacher forcing). Short dreams from such states
+        (model-based RL's branched rollouts) stay where the model was trained, so a controller
+        is scored on what the data shows, not on what a long open-loop dream drifts into."""
+        series = Manifest.load(Path(run_dir) / "data", SERIES, stage="encode")
+        mu, logvar, h, c = data_starts(self.mdn, series, count, seed, sample)
+        return WorldModel(self.mdn, mu, logvar, self.action_dim, self.discrete, self.action_n,
+                          self.done_pos_weight, h, c)
+
     def done_prob(self, done_logit: torch.Tensor) -> torch.Tensor:
         """P(episode ends), calibrated: a positive-class weight w shifts the logit by log w."""
         return torch.sigmoid(done_logit - math.log(self.done_pos_weight))
+
+
+@torch.no_grad()
+def data_starts(mdn: MDNRNN, series: Manifest, count: int, seed: int, sample: bool = True):
+    """(mu, logvar, h, c) at `count` steps drawn uniformly over every encoded step (at most
+    the whole data; in step order), the same for a given seed. The LSTM reads each episode's
+    real actions and latents up to the drawn step: sampled from (mu, logvar), or the means
+    (`sample` False), as the real-env agent feeds them (controller.z). Episodes step together."""
+    from rayworld.data import read_series
+
+    episodes = sorted(series.shards)
+    steps = np.array([int(series.shards[e]["steps"]) for e in episodes])
+    ends = np.cumsum(steps)
+    rng = np.random.default_rng([seed, 5])
+    flat = np.sort(rng.choice(ends[-1], size=min(count, int(ends[-1])), replace=False))
+    which = np.searchsorted(ends, flat, side="right")
+    at = flat - (ends - steps)[which]
+    needed = np.unique(which)
+    slot = {int(e): k for k, e in enumerate(needed)}
+    length = int(at.max())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(needed), length, mdn.lstm.input_size)
+    mus, logvars = [], []
+    for k, i in enumerate(needed):
+        ep = read_series(series.file(episodes[i]))
+        mu = torch.tensor(ep["mu"], dtype=torch.float32)
+        logvar = torch.tensor(ep["logvar"], dtype=torch.float32)
+        mus.append(mu)
+        logvars.append(logvar)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen) if sample else mu
+        n = min(length, len(mu))
+        act = mdn.action_input(torch.from_numpy(ep["action"][:n]).float()).float()
+        x[k, :n] = torch.cat([z[:n], act.reshape(n, -1)], dim=1)
+    lstm = mdn.lstm
+    h = torch.zeros(len(needed), mdn.hidden)
+    c = torch.zeros_like(h)
+    out = {}
+    for t in range(length + 1):
+        for r in np.flatnonzero(at == t):
+            k = slot[int(which[r])]
+            out[r] = (mus[k][t], logvars[k][t], h[k], c[k])
+        if t < length:
+            h, c = torch.lstm_cell(x[:, t], (h, c), lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                   lstm.bias_ih_l0, lstm.bias_hh_l0)
+    return tuple(torch.stack([out[r][j] for r in range(len(flat))]) for j in range(4))
 
 
 class BatchedDream:
@@ -132,11 +194,15 @@ class BatchedDream:
         m = torch.randint(e, (batch // shared,), generator=gen, device=self.world.device)
         return m.repeat(shared) if shared > 1 else m
 
-    def _start(self, n: int, gen) -> torch.Tensor:
+    def _start(self, n: int, gen) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """n start latents, and their LSTM states (None: zeros, the episodes' first frames)."""
         w = self.world
         idx = torch.randint(len(w.z0_mu), (n,), generator=gen, device=w.device)
         eps = torch.randn(n, w.latent, generator=gen, device=w.device)
-        return w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
+        z = w.z0_mu[idx] + torch.exp(0.5 * w.z0_logvar[idx]) * eps
+        if w.h0 is None:
+            return z, None, None
+        return z, w.h0[idx], w.c0[idx]
 
     def begin(self, batch: int, generator: torch.Generator, shared: int = 1):
         """New dropout masks and ensemble members for `batch` rollouts that start now (from
@@ -147,18 +213,20 @@ class BatchedDream:
     @torch.no_grad()
     def reset(self, batch: int, generator: torch.Generator, shared: int = 1):
         w = self.world
-        n = batch // shared
-        z = self._start(n, generator)
+        z, h, c = self._start(batch // shared, generator)
         self.begin(batch, generator, shared)
-        return (z.repeat(shared, 1) if shared > 1 else z), w.mdn.initial_state(batch)
+        rep = (lambda t: t.repeat(shared, 1) if shared > 1 else t)
+        if h is None:
+            return rep(z), w.mdn.initial_state(batch)
+        return rep(z), (rep(h).unsqueeze(0).contiguous(), rep(c).unsqueeze(0).contiguous())
 
     @torch.no_grad()
     def restart(self, z, state, rows: torch.Tensor, generator: torch.Generator):
-        """New dreams in `rows` (in place): fresh first latents, a zero LSTM state and, for
+        """New dreams in `rows` (in place): fresh start latents and their LSTM states, and, for
         rollout dropout and ensembles, new masks and members."""
-        z[rows] = self._start(len(rows), generator)
-        for s in state:
-            s[:, rows] = 0.0
+        z[rows], h, c = self._start(len(rows), generator)
+        state[0][:, rows] = 0.0 if h is None else h
+        state[1][:, rows] = 0.0 if c is None else c
         if self.mask is not None and self.dropout == "rollout":
             self.mask[rows] = self.new_mask(len(rows), 1, generator)
         if self.member is not None:

@@ -46,20 +46,29 @@ class EvolveWorker(RealRunner):
         e = self.cfg.evolve
         # The dream runs on the GPU when Ray gave this actor one; real episodes stay on CPU.
         device = "cuda" if self.cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
-        self.dream = BatchedDream(self.world.to(device), e.tau, e.max_steps, e.dropout, e.done,
-                                   e.ensemble)
+        self.check_dream = BatchedDream(self.world.to(device), e.tau, e.max_steps, e.dropout,
+                                        e.done, e.ensemble)
+        self.dream = self.check_dream
+        if e.start == "data":
+            world = self.world.with_data_starts(Path(run_dir), e.start_states, self.cfg.seed,
+                                                sample=self.cfg.controller.z == "sample")
+            self.dream = BatchedDream(world.to(device), e.tau, e.max_steps, e.dropout, e.done,
+                                      e.ensemble)
         self.dream_template = copy.deepcopy(self.controller).to(device)
 
     def num_params(self) -> int:
         return self.controller.num_params
 
     def dream_returns(self, params: np.ndarray, rollouts: int, seed: int,
-                      max_steps: int | None = None, ref: np.ndarray | None = None) -> np.ndarray:
-        """Mean dream return per candidate; with `ref`, less the anchor's cost (fitness)."""
+                      max_steps: int | None = None, ref: np.ndarray | None = None,
+                      first: bool = False) -> np.ndarray:
+        """Mean dream return per candidate; with `ref`, less the anchor's cost (fitness).
+        first: dreams from the episodes' first frames whatever evolve.start says (the checks)."""
         from rayworld.dream import evaluate_population
 
         e = self.cfg.evolve
-        return evaluate_population(self.dream, self.dream_template, params, rollouts, seed,
+        dream = self.check_dream if first else self.dream
+        return evaluate_population(dream, self.dream_template, params, rollouts, seed,
                                    e.common_noise, max_steps, ref, e.anchor)
 
     def real_returns(self, params: np.ndarray, rollouts: int, seed: int,
@@ -95,7 +104,7 @@ def _check(workers, mean, cfg: Config, real_seeds, hist: dict, writer, gen: int)
     """The CMA-ES mean on equal terms: the same horizon in the dream and the real env."""
     horizon = cfg.evaluate.max_steps
     dm = float(ray.get(workers[0].dream_returns.remote(
-        mean[None], DREAM_CHECK_ROLLOUTS, cfg.seed + 7, horizon))[0])
+        mean[None], DREAM_CHECK_ROLLOUTS, cfg.seed + 7, horizon, first=True))[0])
     rm = float(run_episodes(workers, mean, real_seeds, horizon).mean())
     record("rayworld_best_return", max(hist["real_mean"] + [rm]), run=cfg.name, where="real")
     hist["real_gen"].append(gen)

@@ -140,11 +140,11 @@ class TrackPolicy:
 
     def __init__(self, space, rng: np.random.Generator, sigma: float, gas: float,
                  lapse_rate: float = 0.002, brake_rate: float = 0.005, burst_rate: float = 0.005,
-                 reckless: float = 0.25):
+                 reckless: float = 0.25, straight: float = 0.0):
         if not is_car(space):
             raise ValueError(f"collect.policy track needs a [steer, gas, brake] action space, "
                              f"this env has {space}; use brownian")
-        self.rng, self.lapse_rate = rng, lapse_rate
+        self.rng, self.lapse_rate, self.straight = rng, lapse_rate, straight
         self.brakes = BrakeHolds(brake_rate, longest=30)
         self.burst_rate, self.burst, self.burst_gas = burst_rate, 0, 0.0
         self.kp = rng.uniform(1.5, 3.0)
@@ -166,7 +166,10 @@ class TrackPolicy:
         self.err = err
         self.wobble = 0.9 * self.wobble + self.sigma * 0.3 * r.standard_normal()
         if self.lapse == 0 and r.random() < self.lapse_rate:
-            self.lapse, self.lapse_steer = int(r.integers(10, 61)), float(r.uniform(-1, 1))
+            if self.straight and r.random() < self.straight:  # long enough to meet a bend
+                self.lapse, self.lapse_steer = int(r.integers(30, 151)), 0.0
+            else:
+                self.lapse, self.lapse_steer = int(r.integers(10, 61)), float(r.uniform(-1, 1))
         if self.lapse:
             self.lapse -= 1
             steer = self.lapse_steer
@@ -276,8 +279,10 @@ class PaddlePolicy:
         return self.RIGHT if aim > paddle + 1 else self.LEFT if aim < paddle - 1 else self.NOOP
 
 
-def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
-    """A model-free collection policy, seeded per episode."""
+def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7,
+                lapses: float = 0.002, straight_lapses: float = 0.0):
+    """A model-free collection policy, seeded per episode (lapses: track's, see
+    collect.lapses)."""
     rng = np.random.default_rng([seed, 7])
     if kind == "random":
         return RandomPolicy(space, rng)
@@ -286,7 +291,7 @@ def make_policy(kind: str, space, seed: int, sigma: float, gas: float = 0.7):
     if kind == "drive":
         return DrivePolicy(space, rng, sigma, gas)
     if kind == "track":
-        return TrackPolicy(space, rng, sigma, gas)
+        return TrackPolicy(space, rng, sigma, gas, lapses, straight=straight_lapses)
     if kind == "gait":
         return GaitPolicy(space, rng, sigma)
     if kind == "paddle":

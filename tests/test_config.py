@@ -72,6 +72,12 @@ def test_bad_value_names_key_and_expected():
         load_config(None, ["collect.mix={drive: 1.5}"])
     with pytest.raises(ConfigError, match=r"'collect.mix': shares sum to 1.2"):
         load_config(None, ["collect.mix={drive: 0.6, random: 0.6}"])
+    with pytest.raises(ConfigError, match=r"'collect.straight_lapses'.*got 1.5.*\[0, 1\]"):
+        load_config(None, ["collect.straight_lapses=1.5"])
+    with pytest.raises(ConfigError, match=r"'evolve.start_states'.*> 0"):
+        load_config(None, ["evolve.start_states=0"])
+    with pytest.raises(ConfigError, match=r"'evolve.start'.*'first', 'data'"):
+        load_config(None, ["evolve.start=middle"])
 
 
 def test_bad_file_is_named(tmp_path):

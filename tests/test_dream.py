@@ -220,3 +220,38 @@ def test_start_latents_are_read_from_one_file_written_at_encode(tiny_run, tmp_pa
     encode(cfg, run, log=lambda _: None)
     assert (run / "data" / STARTS).exists()
     np.testing.assert_array_equal(WorldModel.load(run).z0_mu.numpy(), expected)
+
+
+def test_data_starts_carry_the_lstm_state_of_their_episode_up_to_there(tiny_run):
+    """evolve.start data: a dream starts at a real step with the LSTM state that the
+    episode's real latents and actions give there (zero at an episode's first frame)."""
+    from rayworld.data import Manifest, read_series
+    from rayworld.dream import data_starts
+    from rayworld.encode import SERIES
+
+    world = WorldModel.load(tiny_run)
+    series = Manifest.load(tiny_run / "data", SERIES, stage="encode")
+    episodes = sorted(series.shards)
+    lengths = [int(series.shards[e]["steps"]) for e in episodes]
+    mu, logvar, h, c = data_starts(world.mdn, series, 10**9, seed=0, sample=False)
+    assert len(mu) == len(h) == sum(lengths)  # every step, in step order
+    second = lengths[0]  # the second episode's first frame
+    assert not h[0].any() and not c[second].any()
+    ep = read_series(series.file(episodes[1]))
+    t = min(7, lengths[1] - 1)
+    x = torch.cat([torch.from_numpy(ep["mu"][:t]), torch.from_numpy(ep["action"][:t])], 1)
+    with torch.no_grad():
+        _, (h_t, c_t) = world.mdn.lstm(x.float().unsqueeze(0))
+    assert torch.allclose(h[second + t], h_t[0, 0], atol=1e-5)
+    assert torch.allclose(c[second + t], c_t[0, 0], atol=1e-5)
+    assert torch.equal(mu[second + t], torch.from_numpy(ep["mu"][t]))
+    a = data_starts(world.mdn, series, 50, seed=3)
+    assert torch.equal(a[2], data_starts(world.mdn, series, 50, seed=3)[2])
+    assert not torch.equal(a[2], data_starts(world.mdn, series, 50, seed=4)[2])
+    # a dream from data starts begins in those states; the same rows of every block alike
+    starts = world.with_data_starts(tiny_run, 50, seed=3)
+    assert torch.equal(starts.h0, a[2])
+    z, (h0, c0) = BatchedDream(starts).reset(8, torch.Generator().manual_seed(0), shared=2)
+    assert h0.shape == (1, 8, world.hidden) and h0[0].abs().sum() > 0
+    assert all((row == a[2]).all(1).any() for row in h0[0])
+    assert torch.equal(h0[0, :4], h0[0, 4:])

@@ -50,6 +50,29 @@ def test_track_policy_drives_the_carracing_track():
     assert min(track) > 100 and max(rand) < 20, (track, rand)
 
 
+def test_straight_lapses_hold_the_wheel_straight_long_enough_to_meet_a_bend():
+    """collect.straight_lapses: that share of track's lapses let go of the wheel at 0 for 30
+    to 150 steps; without it every lapse holds a random wheel for 10 to 60 steps."""
+    import gymnasium as gym
+
+    space = gym.spaces.Box(np.array([-1, 0, 0], np.float32), np.ones(3, np.float32))
+    road = np.full((64, 64, 3), 105, np.uint8)  # grey road everywhere: no error to steer at
+    road[:, :20] = (100, 200, 100)  # grass on the left: the follower steers right
+    for straight, lengths, steer_zero in ((1.0, (30, 150), True), (0.0, (10, 60), False)):
+        policy = make_policy("track", space, 3, 0.0, 0.12, lapses=1.0, straight_lapses=straight)
+        runs, steers, run = [], [], 0
+        for _ in range(2000):
+            steer = policy(road)[0]
+            if policy.lapse:
+                run += 1
+                steers.append(steer)
+            elif run:
+                runs.append(run + 1)  # the step that started it counts
+                run = 0
+        assert lengths[0] <= min(runs) and max(runs) <= lengths[1] + 1, runs
+        assert (np.abs(steers) < 1e-6).all() == steer_zero
+
+
 def test_gait_policy_runs_the_cheetah_where_a_random_walk_twitches():
     """DMC cheetah-run's physics with the pixel env's action repeat of 2 (no frames are
     rendered: only the policy's effect on the body matters here)."""
