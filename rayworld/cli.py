@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
+from rayworld import storage
 from rayworld.config import ConfigError, load_config, save_config
 from rayworld.io import update_report
 from rayworld.pipeline import STAGES
@@ -134,6 +134,8 @@ def init_ray(cfg, address: str | None = None, dashboard: bool | None = None,
     # logs while starting falls through to stderr, which quiet_start sends to the log file
     kw = {"configure_logging": False} if quiet else {}
     with console.quiet_start(out, verbose) if out is not None else contextlib.nullcontext():
+        if storage.env_vars():  # workers on every node learn which folders mirror a bucket
+            kw["runtime_env"] = {"env_vars": storage.env_vars()}
         if address:
             ctx = ray.init(address=address, **kw)
         else:  # "local": a new Ray even when a `ray start` cluster runs on this machine
@@ -166,9 +168,9 @@ def _with_ray(args, command: str, cfg, fn, dashboard: bool | None = None) -> int
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, ConnectionError) as e:
         if args.debug:
             raise
-        print(f"rayworld {command}: {e}", file=sys.stderr)
+        print(storage.uris_in(f"rayworld {command}: {e}"), file=sys.stderr)
         if out is not None and (out / "logs" / "ray.log").exists():
-            print(f"rayworld {command}: Ray's log is in {out / 'logs' / 'ray.log'}",
+            print(f"rayworld {command}: Ray's log is in {storage.remote(out / 'logs' / 'ray.log')}",
                   file=sys.stderr)
         return 1
     finally:
@@ -179,6 +181,9 @@ def _with_ray(args, command: str, cfg, fn, dashboard: bool | None = None) -> int
             from rayworld import console
 
             console.restore()
+        if out is not None:
+            with contextlib.suppress(storage.StorageError):
+                storage.publish(out)  # event files, images and logs written in place
 
 
 def _run_tune(args) -> int:
@@ -210,17 +215,18 @@ def _run_rllib(args) -> int:
 
 
 def _remote_dir(args) -> str:
-    """A run or data directory given as a URI (s3://, gs://, ...) is refused before anything is
-    written: it would otherwise become a local folder named "s3:". file:///path is a path."""
+    """A run or data directory given as a URI (s3://, gs://, ...) is worked on through its local
+    mirror (rayworld.storage); one that cannot be reached is refused before anything is
+    written, never turned into a local folder named "s3:". file:///path is a path."""
     for flag in ("out", "data"):
         value = getattr(args, flag, None) or ""
-        m = re.match(r"([A-Za-z][A-Za-z0-9+.-]+)://", value)  # 2+ letters: not C://
-        if m and value.startswith("file:///"):
+        if value.startswith("file:///"):
             setattr(args, flag, value[len("file://"):])
-        elif m:
-            return (f"{value}: run directories in object storage or on another host "
-                    f"({m.group(1)}://) are not supported yet; give a local path, or a shared "
-                    f"filesystem mounted at the same path on every node")
+        elif storage.is_uri(value):
+            try:
+                setattr(args, flag, str(storage.attach(value)))
+            except storage.StorageError as e:
+                return str(e)
     return ""
 
 
@@ -262,11 +268,12 @@ def main(argv=None) -> int:
                 dream_gif(cfg, out, args.steps, args.seed)
             else:
                 _diagnose(cfg, out)
+            storage.publish(out)
             return 0
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, storage.StorageError) as e:
             if args.debug:
                 raise
-            print(f"rayworld {args.command}: {e}", file=sys.stderr)
+            print(storage.uris_in(f"rayworld {args.command}: {e}"), file=sys.stderr)
             return 1
     return _with_ray(args, args.command, cfg, lambda: _run_stages(args, cfg, out))
 
@@ -330,6 +337,7 @@ def _run_stages(args, cfg, out: Path):
                                      "this run's env.id is empty (data-only source)")
                 print(f"rayworld pipeline: no env (env.id is empty), skipping {stage}")
                 continue
+            storage.refresh(out)  # what workers on other nodes committed to the bucket
             note = ""
             if args.command != "pipeline":
                 note = warn_by_hand(stage, step_cfg, out)
@@ -342,11 +350,12 @@ def _run_stages(args, cfg, out: Path):
             if stage == "evolve":
                 dream_gif(step_cfg, out)
             write_summary(out)
+            storage.publish(out)
     if args.command == "pipeline" and ran:  # how many rounds made what is there now
         update_report(out, iterations=iterations)
     save_config(cfg, out / "config.yaml")  # a failed run leaves the last good config
     print(f"rayworld {args.command}: done in {time.perf_counter() - t0:.0f} s; "
-          f"figures in {out / 'report.json'}")
+          f"figures in {storage.remote(out / 'report.json')}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayworld.io import atomic_path, atomic_write_json, progress, read_json
+from rayworld.storage import refresh
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"rayworld.schema_version"
@@ -186,6 +187,7 @@ class Manifest:
     @classmethod
     def load(cls, root, name: str = "manifest.json", stage: str = "collect") -> Manifest:
         root = Path(root)
+        refresh(root / name)  # a run in object storage: the manifest as committed there
         data = read_json(root / name)
         if data is None:
             raise FileNotFoundError(f"{root / name} not found: run `rayworld {stage}` first")
@@ -396,6 +398,7 @@ def load_starts(data_dir, vae: str) -> dict:
     """{episode: (mu, logvar)} saved by `save_starts` for this VAE; {} when there is none, or
     it is another VAE's, or it is unreadable (the series files still hold every latent)."""
     path = Path(data_dir) / STARTS
+    refresh(path)
     try:
         with np.load(path) as f:
             eps, mu, logvar = f["episodes"], f["mu"], f["logvar"]

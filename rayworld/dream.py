@@ -17,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rayworld import storage
 from rayworld.data import Manifest
 from rayworld.encode import SERIES
 from rayworld.models.controller import Controller
@@ -90,6 +91,7 @@ class WorldModel:
         real latents and actions up to it (teacher forcing). Short dreams from such states
         (model-based RL's branched rollouts) stay where the model was trained, so a controller
         is scored on what the data shows, not on what a long open-loop dream drifts into."""
+        storage.refresh(run_dir, "data/series")  # a run in object storage: on this node
         series = Manifest.load(Path(run_dir) / "data", SERIES, stage="encode")
         mu, logvar, h, c = data_starts(self.mdn, series, count, seed, sample)
         return WorldModel(self.mdn, mu, logvar, self.action_dim, self.discrete, self.action_n,

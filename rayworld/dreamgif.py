@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rayworld import storage
 from rayworld.config import Config
 from rayworld.io import atomic_path
 
@@ -82,5 +83,5 @@ def dream_gif(cfg: Config, run_dir: Path, steps: int = 200, seed: int = 0,
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=50,
                        loop=0)
     log(f"dream-gif: {len(dream)} dream steps (left) beside {len(real)} real steps (right) "
-        f"in {path}")
+        f"in {storage.remote(path)}")
     return path

@@ -14,6 +14,7 @@ import numpy as np
 import ray
 import torch
 
+from rayworld import storage
 from rayworld.config import Config
 from rayworld.data import (
     Manifest,
@@ -53,6 +54,7 @@ def _encode_episodes(vae_path: str, data_dir: str, jobs: list, obs_shape, batch:
     out = []
     for episode, file in jobs:
         src = Path(data_dir) / file
+        storage.refresh(src)  # a run in object storage: this node's copy
         table = open_shard(src).read(columns=["action", "reward", "terminated", "truncated"])
         mus, logvars = [], []
         with torch.no_grad():

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 import torch
 
+from rayworld import storage
 from rayworld.actors import close_and_kill, keep_busy
 from rayworld.config import Config
 from rayworld.evaluate import RealRunner, run_episodes
@@ -232,6 +233,7 @@ def evolve(cfg: Config, run_dir: Path, log=print) -> dict:
                 dm, rm = _check(workers, es.mean, cfg, real_seeds, hist, writer, gen + 1)
                 line += f" | CMA-ES mean, {horizon} steps: dream {dm:.2f} real {rm:.2f}"
             writer.flush()
+            storage.publish(run_dir, "tensorboard/evolve")  # watchable in a bucket too
             if tracker is not None:
                 row = {f"evolve/{k}": hist[k][-1] for k in ("dream_best", "dream_mean",
                                                              "dream_worst")}

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from rayworld.storage import committed
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -21,6 +23,7 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+        committed(path)  # a run in object storage: the file becomes one whole object
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

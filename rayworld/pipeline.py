@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayworld import storage
 from rayworld.config import Config, flat, stage_keys
 from rayworld.io import atomic_write_json, file_id, read_json, update_report
 
@@ -72,10 +73,10 @@ def fingerprint(stage: str, out: Path) -> str | None:
 
 
 def count(stage: str, cfg, out: Path) -> tuple[int, int]:
-    """(reached, asked) for the stage's count; raises FileNotFoundError when it has none."""
-    import torch
-
+    """(reached, asked) for the stage's count; raises FileNotFoundError when it has none, and
+    CheckpointError (a ValueError) when its checkpoint is damaged."""
     from rayworld.data import Manifest
+    from rayworld.train.common import load_model_file
 
     out = Path(out)
     if stage == "collect":
@@ -87,9 +88,9 @@ def count(stage: str, cfg, out: Path) -> tuple[int, int]:
         scored = read_json(out / "report.json", {}).get("evaluated_generation")
         if scored is None:
             raise FileNotFoundError(out / "report.json")
-        state = torch.load(out / "checkpoints" / "controller.pt", weights_only=True)
+        state = load_model_file(out / "checkpoints" / "controller.pt", "evolve")
         return int(scored == state["generation"]), 1
-    state = torch.load(out / "checkpoints" / CHECKPOINT[stage], weights_only=True)
+    state = load_model_file(out / "checkpoints" / CHECKPOINT[stage], stage)
     asked = {"train-vae": cfg.vae.epochs, "train-mdn": cfg.mdn.epochs,
              "evolve": 0 if cfg.controller.kind == "mpc" else cfg.evolve.generations}[stage]
     return int(state["generation" if stage == "evolve" else "epoch"]), asked
@@ -207,6 +208,8 @@ def set_aside(stage: str, out: Path) -> Path | None:
     dest.mkdir(parents=True)
     for path in found:
         shutil.move(str(path), str(dest / path.name))
+        storage.committed(dest / path.name)  # a run in object storage moves there too
+        storage.removed(path)
     return dest
 
 

@@ -36,6 +36,7 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+RAYJOB_S3 = CLUSTER / "kuberay" / "rayjob-s3.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 FIELDS = Path(__file__).parent / "data" / "kuberay_v1_fields.json"
 SHARED = "/mnt/shared"
@@ -294,7 +295,7 @@ def test_launcher_commands_are_real_rayworld_commands(launcher):
 # ---------------------------------------------------------------- KubeRay manifests
 
 
-@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB, RAYJOB_S3], ids=lambda p: p.name)
 def test_kuberay_manifest_keys_match_the_crds(path, fields):
     docs = load_docs(path)
     assert docs
@@ -439,6 +440,28 @@ def test_rayjob_entrypoint_is_a_real_rayworld_command():
     assert cfg.ray.use_gpu is True
     assert job["shutdownAfterJobFinishes"] is True
     check_demand_fits(cfg, kuberay_capacities(job["rayClusterSpec"]))
+
+
+def test_s3_rayjob_runs_in_a_bucket_with_no_shared_volume():
+    """The object-storage RayJob: --out is a bucket URI rayworld reaches, no pod mounts a claim,
+    and every pod (the submitter's driver included) runs as the account that reaches it."""
+    from rayworld import storage
+
+    job = find_doc(RAYJOB_S3, "RayJob")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    args, cfg = check_rayworld_command(argv)
+    assert argv[1] == "pipeline" and args.out.startswith("s3://")
+    assert storage.mirror_path(args.out).parts[-3:] == ("my-rayworld-bucket", "runs",
+                                                        "carracing_small")
+    assert not any(d.get("kind") == "PersistentVolumeClaim" for d in load_docs(RAYJOB_S3))
+    pods = [t for _, t in pod_templates(job["rayClusterSpec"])] + [job["submitterPodTemplate"]]
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == "rayworld-s3"
+        for volume in pod["spec"].get("volumes", []):
+            assert "persistentVolumeClaim" not in volume
+    check_demand_fits(cfg, kuberay_capacities(job["rayClusterSpec"]))
+    env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert env["working_dir"] == _dockerfile_workdir()
 
 
 def test_raycluster_documented_commands_fit_the_cluster():

@@ -107,19 +107,3 @@ def test_set_one_env_kwarg_keeps_the_others():
     assert cfg.env.kwargs["port"] == 2000 and cfg.env.kwargs["town"] == "Town01"
     with pytest.raises(ConfigError, match="'env.kwargs': got 3, expected dict"):
         load_config(None, ["env.kwargs=3"])
-
-
-@pytest.mark.parametrize("argv", [["pipeline", "--out", "s3://bucket/runs/x"],
-                                  ["collect", "--out", "gs://bucket/x"],
-                                  ["tune", "--config", "tune_configs/vae_asha.yaml", "--out",
-                                   "runs/x", "--data", "s3://bucket/runs/q"]])
-def test_an_object_storage_uri_is_refused_in_one_line_and_nothing_is_written(
-        argv, tmp_path, monkeypatch, capsys):
-    from rayworld.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not supported yet" in err
-    assert argv[-1].split(":")[0] + "://" in err
-    assert not list(tmp_path.iterdir())  # no local folder named "s3:" or "runs"

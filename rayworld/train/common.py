@@ -60,6 +60,8 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayworld import storage
+
     run_dir = Path(run_dir).resolve()
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
@@ -69,20 +71,23 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=name, storage_path=str(run_dir / "checkpoints"),
+            name=name, storage_path=storage.storage_path(run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks or None),
     )
     marker = stop_marker(run_dir, name)
     marker.unlink(missing_ok=True)
+    storage.removed(marker)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainError(_root_message(e, name)) from None
+    storage.refresh(marker)  # a worker on another node leaves it in the bucket
     if marker.exists():  # the workers stopped on purpose; retrying would not help
         msg = marker.read_text().strip()
         marker.unlink()
+        storage.removed(marker)
         raise StoppedOnPurpose(msg)
     return result
 
@@ -247,6 +252,9 @@ class CheckpointError(ValueError):
 
 def load_model_file(path: Path, stage: str) -> dict:
     """A checkpoint written by `stage`; missing or unreadable, one line says what to re-run."""
+    from rayworld.storage import refresh
+
+    refresh(path)  # a run in object storage: this node's copy of the object
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found: run `rayworld {stage}` first")
     try:
@@ -265,7 +273,10 @@ def last_checkpoint_dir(run_dir: Path, name: str) -> str:
     """The newest checkpoint Ray Train committed (a killed upload leaves a partial folder)."""
     import json
 
+    from rayworld import storage
+
     root = Path(run_dir) / "checkpoints" / name
+    storage.refresh(root / "checkpoint_manager_snapshot.json")
     try:
         snap = json.loads((root / "checkpoint_manager_snapshot.json").read_text())
         return str(root / snap["latest_checkpoint_result"]["checkpoint_dir_name"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rayworld import storage
 from rayworld.config import Config
 from rayworld.data import (
     Manifest,
@@ -94,6 +95,7 @@ def train_loop(config: dict):
     from rayworld.train.optim import Stepper, param_groups
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
+    storage.refresh(run_dir, "data/series")  # a run in object storage: on this node
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     _, _, steps = plan(series, cfg, world)
     mine, my_val = rank_episodes(series, cfg, rank, world)
@@ -176,6 +178,7 @@ def train_loop(config: dict):
             for k, value in metrics.items():
                 writer.add_scalar(f"mdn/{k}", value, epoch + 1)
             writer.flush()
+            storage.publish(run_dir, "tensorboard/mdn")  # watchable in a bucket too
             save_curves({k: history[k] for k in ("nll", "val_nll", "reward_mse",
                                                   "val_reward_mse", "done_bce", "val_done_acc")},
                         run_dir / "images" / "mdn_curves.png", "MDN-RNN")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rayworld import storage
 from rayworld.config import Config
 from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
 from rayworld.telemetry import record
@@ -95,6 +96,7 @@ def train_loop(config: dict):
     from rayworld.models.vae import ConvVAE, kl_beta
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
+    storage.refresh(run_dir, "data")  # a run in object storage: the shards, on this node
     manifest = Manifest.load(run_dir / "data")
     obs_shape = tuple(manifest.info["obs_shape"])
     train_eps, val_eps, steps = plan(manifest, cfg, world)
@@ -182,6 +184,7 @@ def train_loop(config: dict):
             save_curves({k: history[k] for k in ("loss", "recon", "kl", "val_loss", "psnr_db",
                                                   "ssim")}, images / "vae_curves.png", "VAE")
             writer.flush()
+            storage.publish(run_dir, "tensorboard/vae")  # watchable in a bucket too
             ckpt_state = {"model": common.unwrap(model).state_dict(), **stepper.state_dict(),
                           "epoch": epoch + 1, "step": global_step, "history": history,
                           "resumed_from": resumed, "world_size": world}
