@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import yaml
 
+from rayworld import storage
 from rayworld.config import (
     ConfigError,
     _nest,
@@ -213,6 +214,7 @@ def train_trial(config: dict):
     stage = config["_stage"]
     run_dir = Path(tune.get_context().get_trial_dir()).resolve()
     data_run = Path(config["_data"])
+    storage.refresh(data_run, "data")  # shared data in a bucket: this node's copy
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data").exists():  # read-only: every trial shares the same shards
         (run_dir / "data").symlink_to(data_run / "data", target_is_directory=True)
@@ -255,6 +257,7 @@ def controller_trial(config: dict):
     hp = {"tau": e.tau, "sigma0": e.sigma0, "population": e.population, "rollouts": e.rollouts}
     threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
+    storage.refresh(config["_data"], "data/series")  # shared data in a bucket: on this node
     world = WorldModel.load(Path(config["_data"]))
     n_out = world.action_n if world.discrete else world.action_dim
     template = make_controller(cfg, world.latent, world.hidden, n_out, world.discrete).eval()
@@ -392,11 +395,12 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
     space = {k: _domain(v) for k, v in s.space.items()}
     space.update({"_base": sw.base, "_stage": s.stage, "_data": str(data_run),
                   "_checkpoint_every": checkpoint_every, "_sweep_seed": s.seed})
-    storage = out / "tune"
-    exp = storage / "sweep"
-    if tune.Tuner.can_restore(str(exp)):
+    # in a bucket, Tune keeps its trials and checkpoints there (every node reaches them)
+    where = storage.storage_path(out / "tune")
+    exp = f"{where}/sweep"
+    if tune.Tuner.can_restore(exp):
         log(f"rayworld tune: resuming the sweep in {exp}")
-        tuner = tune.Tuner.restore(str(exp), trainable=trainable, param_space=space,
+        tuner = tune.Tuner.restore(exp, trainable=trainable, param_space=space,
                                    resume_errored=True, resume_unfinished=True)
     else:
         tuner = tune.Tuner(
@@ -406,7 +410,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
                 search_alg=BasicVariantGenerator(random_state=s.seed),
                 num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=str(storage),
+                name="sweep", storage_path=where,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 callbacks=tune_callbacks(load_config(base=sw.base), out) or None,
                 # PBT restores a donor's checkpoint while the donor goes on: keep them all.
@@ -458,7 +462,9 @@ def _summarise(grid, s: SweepConfig, out: Path, log) -> dict:
     else:
         save_config(with_values(best.config["_base"], hp), tmp / "config.yaml")
     ckpt_path = _best_checkpoint(best, s)
-    if ckpt_path:
+    if ckpt_path and s.stage == "controller":  # Tune's checkpoint, maybe in a bucket
+        best.checkpoint.to_directory(str(tmp / "checkpoint"))
+    elif ckpt_path:
         shutil.copytree(ckpt_path, tmp / "checkpoint")
     shutil.rmtree(best_dir, ignore_errors=True)
     tmp.rename(best_dir)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import own_ray_tmp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,25 @@ def _listening(root: psutil.Process) -> set[tuple[str, str, int]]:
     return seen
 
 
+def _watch(cmd, env) -> tuple[set, str, int]:
+    """Run a command to its end; every listening socket its process tree opened, its output
+    and its exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env=env)
+    try:
+        root = psutil.Process(proc.pid)
+        seen: set = set()
+        deadline = time.time() + 400
+        while proc.poll() is None and time.time() < deadline:
+            seen |= _listening(root)
+            time.sleep(0.1)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen, output, proc.returncode
+
+
 def test_an_in_process_run_listens_on_loopback_only(tmp_path):
     """Without --address a run starts its own Ray (never a cluster that a stale address file
     names), and every port that Ray opens listens on loopback."""
@@ -46,22 +66,34 @@ def test_an_in_process_run_listens_on_loopback_only(tmp_path):
         # the address file `ray start` leaves behind, naming a cluster that is gone
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=env)
-        try:
-            root = psutil.Process(proc.pid)
-            seen: set = set()
-            deadline = time.time() + 240
-            while proc.poll() is None and time.time() < deadline:
-                seen |= _listening(root)
-                time.sleep(0.2)
-            output = proc.communicate(timeout=60)[0].decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == 0, output
+        seen, output, rc = _watch(cmd, env)
+    assert rc == 0, output
     names = {name for name, _, _ in seen}
     # the sockets were seen while Ray ran: its GCS and raylet, and the dashboard on
     assert {"gcs_server", "raylet"} <= names, seen
     exposed = sorted(s for s in seen if not _loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.slow  # about 2 to 3 minutes here: Ray Train's start-up and one VAE epoch
+def test_ddp_training_in_process_listens_on_loopback_only(tmp_path):
+    """Ray Train's workers meet without torch's TCPStore, which binds every interface: two DDP
+    workers train, and nothing listens beyond loopback."""
+    out = tmp_path / "run"
+    small = ["--set", "ray.num_cpus=2", "--set", "ray.object_store_mb=100"]
+    before = set(Path("/tmp").glob("rw-pg-*"))
+    with own_ray_tmp("rw-net-") as (_, env):
+        _, output, rc = _watch([sys.executable, "-m", "rayworld.cli", "collect", "--out",
+                                str(out), "--set", "collect.episodes=3", "--set",
+                                "collect.max_steps=50", *small], env)
+        assert rc == 0, output
+        seen, output, rc = _watch([sys.executable, "-m", "rayworld.cli", "train-vae", "--out",
+                                   str(out), "--set", "vae.epochs=1", "--set",
+                                   "vae.batch_size=32", "--set", "ray.num_workers=2", "--set",
+                                   "ray.cpus_per_worker=0.5", *small], env)
+    assert rc == 0, output
+    assert "vae epoch 1/1" in output
+    assert any(name.startswith("ray::RayTrainWorker") for name, _, _ in seen), seen
+    exposed = sorted(s for s in seen if not _loopback(s[1]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert set(Path("/tmp").glob("rw-pg-*")) <= before, "the rendezvous file was left"

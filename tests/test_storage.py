@@ -191,3 +191,27 @@ def test_pipeline_in_a_bucket_resumes_on_another_machine_and_names_a_corrupt_obj
     assert bad.returncode == 1
     err = [ln for ln in bad.stderr.splitlines() if "Ray's log" not in ln]
     assert len(err) == 1 and f"{uri}/checkpoints/mdn.pt" in err[0] and "train-mdn" in err[0]
+
+
+@pytest.mark.slow
+def test_pbt_sweep_in_a_bucket_over_data_in_a_bucket(s3, tmp_path):
+    import json
+
+    data, out = f"s3://{BUCKET}/sweep/data", f"s3://{BUCKET}/sweep/out"
+    done = _cli(["pipeline", "--config", "tune_configs/quickstart.yaml", "--out", data,
+                 *_sets(SMALL)], tmp_path / "m", timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pbt = ["sweep.num_samples=2", "sweep.max_concurrent=2", "sweep.resources={cpu: 0.5}",
+           "sweep.scheduler.perturbation_interval=2", "evolve.generations=4",
+           "evolve.max_steps=30", "sweep.real_episodes=2", "evaluate.max_steps=40",
+           "ray.num_cpus=2", "ray.object_store_mb=150"]
+    done = _cli(["tune", "--config", "tune_configs/controller_pbt.yaml", "--out", out,
+                 "--data", data, *_sets(pbt)], tmp_path / "other", timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = _objects(s3, "sweep/out/")
+    report = json.loads(s3.get_object(Bucket=BUCKET, Key="sweep/out/sweep_report.json")
+                        ["Body"].read())
+    assert len(report["trials"]) == 2 and "real_return_mean" in report
+    assert {"best/controller.pt", "best/config.yaml", "sweep.yaml"} <= set(got)
+    assert any(k.startswith("tune/sweep/") and "checkpoint_" in k for k in got)  # Tune's own
+    assert not (tmp_path / "other" / "s3" / BUCKET / "sweep" / "out" / "tune").exists()

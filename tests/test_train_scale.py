@@ -158,6 +158,13 @@ def test_ddp_two_workers_match_one_worker_on_the_same_global_batch(ray_session, 
     two = _params_after(2, tmp_path)
     one = _params_after(1, tmp_path)
     assert _rel_diff(two, one) < 0.05
+    # what two workers would give if one's slice were lost (no all-reduce): order 1 away, so
+    # the tolerance above catches it
+    lost = _fresh_vae()
+    _train_vae_steps(lost, make_stepper(lost, load_config(overrides=OPTIM).vae, STEPS, "cpu"),
+                     0, 2)
+    assert _rel_diff(lost.state_dict(), one) > 0.5
+    assert _rel_diff(two, lost.state_dict()) > 0.5
 
 
 def _copy_run(src: Path, dest: Path, with_models: bool) -> Path:

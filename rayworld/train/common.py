@@ -58,9 +58,10 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from rayworld import storage
+    from rayworld.train.rendezvous import torch_config_for
 
     run_dir = Path(run_dir).resolve()
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -69,7 +70,7 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
         _stop_on_bad_files(loop, name),
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), **(extra or {})},
         scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=torch_config_for(cfg.ray.use_gpu),
         run_config=RunConfig(
             name=name, storage_path=storage.storage_path(run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
