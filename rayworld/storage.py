@@ -109,13 +109,16 @@ class Mirror:
         return {i.path[len(self.root) + 1:]: i for i in infos
                 if i.type == pafs.FileType.File}
 
-    def pull(self, *under: str):
+    def pull(self, *under: str, only: set | None = None):
         """Download what is missing or differs locally under each relative prefix (all of the
-        run when none is given). Each file lands whole: a temporary name, then a rename."""
+        run when none is given; of those, the relative paths in `only` when given). Each file
+        lands whole: a temporary name, then a rename."""
         for prefix in under or ("",):
             asked_ray = _ray_owned(f"{prefix}/.")  # e.g. checkpoints/vae, named on purpose
             for rel, info in self.listing(prefix).items():
                 if _hidden(rel) or (_ray_owned(rel) and not asked_ray):
+                    continue
+                if only is not None and rel not in only:
                     continue
                 dest = self.local / rel
                 if _same(dest, info):
@@ -246,6 +249,19 @@ def refresh(path, *under: str):
     base = Path(os.path.abspath(path)).relative_to(m.local).as_posix()
     base = "" if base == "." else base + "/"
     m.pull(*[(base + u).rstrip("/") for u in under] or [base.rstrip("/")])
+
+
+def refresh_files(paths):
+    """Pull just these files (one listing per folder): a worker's share of the shards."""
+    groups: dict = {}
+    for p in paths:
+        m = mirror_of(p)
+        if m is not None:
+            rel = Path(os.path.abspath(p)).relative_to(m.local).as_posix()
+            groups.setdefault((id(m), rel.rsplit("/", 1)[0] if "/" in rel else ""),
+                              (m, set()))[1].add(rel)
+    for (_, folder), (m, rels) in groups.items():
+        m.pull(folder, only=rels)
 
 
 def publish(path, *under: str):

@@ -109,6 +109,11 @@ def test_mirror_uploads_whole_objects_and_pulls_only_what_differs(s3, tmp_path, 
     storage.publish(other, "tensorboard")
     assert "tensorboard/vae/events.out" in _objects(s3, "unit/run/")
     assert storage.remote(other / "data" / "manifest.json") == f"{uri}/data/manifest.json"
+    # a worker pulls only its share of the shards
+    for e in range(3):
+        s3.put_object(Bucket=BUCKET, Key=f"unit/run/data/episodes/ep-{e}.parquet", Body=b"s")
+    storage.refresh_files([other / "data" / "episodes" / "ep-1.parquet"])
+    assert sorted(p.name for p in (other / "data" / "episodes").iterdir()) == ["ep-1.parquet"]
 
 
 @pytest.mark.parametrize("uri, says", [("unknownfs://bucket/x", "unknownfs://"),

@@ -96,13 +96,13 @@ def train_loop(config: dict):
     from rayworld.models.vae import ConvVAE, kl_beta
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
-    storage.refresh(run_dir, "data")  # a run in object storage: the shards, on this node
     manifest = Manifest.load(run_dir / "data")
     obs_shape = tuple(manifest.info["obs_shape"])
     train_eps, val_eps, steps = plan(manifest, cfg, world)
     my_train = [manifest.file(e) for e in rank_share(train_eps, rank, world)]
     my_val = [manifest.file(e) for e in rank_share(val_eps, rank, world)]
     val_frames = sum(manifest.shards[e]["steps"] for e in rank_share(val_eps, rank, world))
+    storage.refresh_files(my_train + my_val)  # a run in object storage: this rank's shards
     v = cfg.vae
 
     torch.manual_seed(cfg.seed)
