@@ -110,6 +110,7 @@ BREAKOUT_TINY = ["collect.episodes=6", "collect.max_steps=80", "vae.epochs=1", "
                  "env.kwargs.end_on_life_loss=true", "evaluate.env_kwargs.end_on_life_loss=false"]
 
 
+@pytest.mark.slow  # about 2 min: every stage on Breakout
 def test_breakout_pipeline_with_discrete_actions(ray_session, tmp_path):
     out = tmp_path / "breakout"
     args = ["pipeline", "--config", str(ROOT / "tune_configs/breakout.yaml"), "--out", str(out)]

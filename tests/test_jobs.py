@@ -96,6 +96,7 @@ def _actor_names(dashboard: str) -> set[str]:
         return set()
 
 
+@pytest.mark.slow  # about 3.5 min: a `ray start` head, then the pipeline as a job
 def test_job_submit_runs_the_pipeline_and_exports_metrics(head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

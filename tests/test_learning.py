@@ -17,6 +17,7 @@ SMALL = ["collect.episodes=120", "vae.epochs=2", "mdn.epochs=40", "mdn.hidden=12
          "seed=1"]
 
 
+@pytest.mark.slow  # about 7 to 14 min on 2 cores: a nearly full quickstart that must drive
 def test_dream_trained_controller_drives_the_real_track(ray_session, tmp_path):
     out = tmp_path / "learn"
     args = ["pipeline", "--config", "tune_configs/quickstart.yaml", "--out", str(out)]

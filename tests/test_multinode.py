@@ -34,6 +34,7 @@ def _run(*args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # about 2 min: a 3-node cluster
 def test_collect_loses_a_node_and_writes_every_episode_once(tmp_path):
     result = _run("collect", str(tmp_path))
     assert result.get("node_removed_mid_stage"), f"the stage ended before the loss: {result}"
@@ -42,6 +43,7 @@ def test_collect_loses_a_node_and_writes_every_episode_once(tmp_path):
     _assert_exactly_once(tmp_path, 24)
 
 
+@pytest.mark.slow  # about 2 min: a 3-node cluster, twice
 def test_evolve_loses_a_node_and_keeps_every_generations_fitness(tiny_run, tmp_path):
     result = _run("evolve", str(tiny_run), str(tmp_path))
     assert result.get("node_removed_mid_stage"), f"the stage ended before the loss: {result}"

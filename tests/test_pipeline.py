@@ -87,6 +87,7 @@ def test_pipeline_rerun_skips_complete_stages(run, capsys):
         assert f"{stage} is up to date, skipping it" in out
 
 
+@pytest.mark.slow  # about 5 min: reruns stages one changed key at a time
 def test_pipeline_redoes_exactly_what_a_changed_key_made_stale(run, tmp_path, capsys):
     import shutil
 

@@ -156,6 +156,7 @@ def test_pbt_draws_from_its_own_stream_whatever_else_draws():
     assert _scheduler(sw.sweep)._synch  # every trial at the interval before any is perturbed
 
 
+@pytest.mark.slow  # about 3 min: an ASHA sweep of Ray Train trials, then its restore
 def test_vae_asha_sweep_keeps_the_best_trial_and_restores(data_run, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

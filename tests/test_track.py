@@ -111,6 +111,7 @@ def _wandb_history(run_file: Path) -> tuple[dict, list[dict]]:
     return run, rows
 
 
+@pytest.mark.slow  # about 2 min: an MLflow server and every stage
 def test_stages_log_to_mlflow_and_wandb_offline(tiny_run, tmp_path, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 

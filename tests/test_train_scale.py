@@ -225,6 +225,7 @@ def _committed_checkpoint(exp_dir: Path) -> bool:
     return bool(snap.get("latest_checkpoint_result"))
 
 
+@pytest.mark.slow  # about 70 s: kills a Train worker mid-run
 def test_killed_training_worker_resumes_from_last_checkpoint(tiny_run, tmp_path):
     import os
     import signal
