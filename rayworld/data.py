@@ -335,13 +335,17 @@ class _Pool:
         if not self.held:
             return
         pool = np.concatenate(self.parts)
-        pool = pool[self.rng.permutation(len(pool))]
+        self.parts = []
+        order = self.rng.permutation(len(pool))
         n_full = min(len(pool) // self.batch_size, limit - self.emitted)
+        # each batch gathered on its own: no shuffled copy of the whole pool, and no batch
+        # (queued in prefetch) keeps a pool alive, so peak memory does not depend on how
+        # drains and queued batches happen to overlap over a long epoch
+        rest = pool[order[n_full * self.batch_size:]]
+        self.parts, self.held = [rest], len(rest)
         for b in range(n_full):
             self.emitted += 1
-            yield pool[b * self.batch_size:(b + 1) * self.batch_size]
-        rest = pool[n_full * self.batch_size:]
-        self.parts, self.held = [rest], len(rest)
+            yield pool[order[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
 def iter_frames(files: list[Path], obs_shape, batch_size: int):
