@@ -209,9 +209,9 @@ def _known() -> dict[str, str]:
 def attach(uri: str) -> Path:
     """The local mirror of a run URI, pulled whole; from now on this process (and the Ray
     workers it starts) upload what they commit there."""
-    local = mirror_path(uri)
-    m = Mirror(uri, local)  # an unreachable scheme fails here, before any folder is made
-    local.mkdir(parents=True, exist_ok=True)
+    m = Mirror(uri, mirror_path(uri))  # an unreachable scheme fails here, before any mkdir
+    m.local.mkdir(parents=True, exist_ok=True)
+    local = m.local = m.local.resolve()  # stages resolve their paths (/tmp is a link on macOS)
     _mirrors[str(local)] = m
     os.environ[ENV] = json.dumps({**_known(), str(local): m.uri})
     m.pull()
@@ -224,7 +224,7 @@ def env_vars() -> dict:
 
 
 def mirror_of(path) -> Mirror | None:
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     for local, uri in _known().items():
         if path == local or path.startswith(local + os.sep):
             if local not in _mirrors:
@@ -237,7 +237,7 @@ def committed(path):
     """After an atomic write: upload the file if it lies in a mirrored run."""
     m = mirror_of(path)
     if m is not None:
-        m.push(Path(os.path.abspath(path)))
+        m.push(Path(os.path.realpath(path)))
 
 
 def refresh(path, *under: str):
@@ -246,7 +246,7 @@ def refresh(path, *under: str):
     m = mirror_of(path)
     if m is None:
         return
-    base = Path(os.path.abspath(path)).relative_to(m.local).as_posix()
+    base = Path(os.path.realpath(path)).relative_to(m.local).as_posix()
     base = "" if base == "." else base + "/"
     m.pull(*[(base + u).rstrip("/") for u in under] or [base.rstrip("/")])
 
@@ -257,7 +257,7 @@ def refresh_files(paths):
     for p in paths:
         m = mirror_of(p)
         if m is not None:
-            rel = Path(os.path.abspath(p)).relative_to(m.local).as_posix()
+            rel = Path(os.path.realpath(p)).relative_to(m.local).as_posix()
             groups.setdefault((id(m), rel.rsplit("/", 1)[0] if "/" in rel else ""),
                               (m, set()))[1].add(rel)
     for (_, folder), (m, rels) in groups.items():
@@ -269,7 +269,7 @@ def publish(path, *under: str):
     m = mirror_of(path)
     if m is None:
         return
-    base = Path(os.path.abspath(path)).relative_to(m.local).as_posix()
+    base = Path(os.path.realpath(path)).relative_to(m.local).as_posix()
     base = "" if base == "." else base + "/"
     for u in under or ("",):
         m.push_tree((base + u).rstrip("/"))
@@ -279,13 +279,13 @@ def removed(path):
     """A file taken out of a mirrored run (moved aside, replaced by a rename)."""
     m = mirror_of(path)
     if m is not None:
-        m.remove(Path(os.path.abspath(path)))
+        m.remove(Path(os.path.realpath(path)))
 
 
 def remote(path) -> str:
     """`path` as the user named it: its URI when it lies in a mirrored run."""
     m = mirror_of(path)
-    return m.uri_of(Path(os.path.abspath(path))) if m is not None else str(path)
+    return m.uri_of(Path(os.path.realpath(path))) if m is not None else str(path)
 
 
 def storage_path(path) -> str:
