@@ -224,8 +224,11 @@ def env_vars() -> dict:
 
 
 def mirror_of(path) -> Mirror | None:
+    known = _known()
+    if not known:  # a local run: nothing to resolve
+        return None
     path = os.path.realpath(path)
-    for local, uri in _known().items():
+    for local, uri in known.items():
         if path == local or path.startswith(local + os.sep):
             if local not in _mirrors:
                 _mirrors[local] = Mirror(uri, Path(local))
