@@ -291,11 +291,6 @@ def remote(path) -> str:
     return m.uri_of(Path(os.path.realpath(path))) if m is not None else str(path)
 
 
-def storage_path(path) -> str:
-    """For Ray Train's and Tune's storage_path: the bucket itself for a mirrored run."""
-    return remote(path)
-
-
 def uris_in(text: str) -> str:
     """A message with every mirror path in it shown as its URI."""
     for local, uri in _known().items():

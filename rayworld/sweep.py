@@ -396,7 +396,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
     space.update({"_base": sw.base, "_stage": s.stage, "_data": str(data_run),
                   "_checkpoint_every": checkpoint_every, "_sweep_seed": s.seed})
     # in a bucket, Tune keeps its trials and checkpoints there (every node reaches them)
-    where = storage.storage_path(out / "tune")
+    where = storage.remote(out / "tune")
     exp = f"{where}/sweep"
     if tune.Tuner.can_restore(exp):
         log(f"rayworld tune: resuming the sweep in {exp}")

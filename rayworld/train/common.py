@@ -72,7 +72,7 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
         scaling_config=scaling,
         torch_config=torch_config_for(cfg.ray.use_gpu),
         run_config=RunConfig(
-            name=name, storage_path=storage.storage_path(run_dir / "checkpoints"),
+            name=name, storage_path=storage.remote(run_dir / "checkpoints"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=callbacks or None),
