@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import yaml
 
+from rayworld import storage
 from rayworld.config import ConfigError, layered, load_config, merge
 from rayworld.io import atomic_path, atomic_write_text, update_report
 
@@ -213,6 +214,8 @@ def _save_checkpoint(algo, ckpt: Path, history: dict):
         ckpt.rename(old)
     tmp.rename(ckpt)
     shutil.rmtree(old, ignore_errors=True)
+    storage.publish_folder(ckpt, HISTORY)  # a run in object storage: the bucket holds it now
+    storage.publish(ckpt.parents[1], "tensorboard/rllib")
 
 
 def _find_checkpoint(ckpt: Path) -> Path | None:

@@ -152,13 +152,18 @@ class Mirror:
         except Exception as e:
             raise StorageError(f"{self.uri_of(path)}: upload failed ({_first_line(e)})") from None
 
-    def push_tree(self, under: str = ""):
-        """Upload every local file under a relative prefix that differs from its object."""
+    def push_tree(self, under: str = "", last: str | None = None):
+        """Upload every local file under a relative prefix that differs from its object
+        (`last`, a relative path, after all the others)."""
         remote = self.listing(under)
         base = self.local / under
         if not base.exists():
             return
-        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        # not through links: a sweep trial's data/ links to the shared data, uploaded once
+        files = [base] if base.is_file() else sorted(
+            Path(d) / f for d, _, names in os.walk(base) for f in names
+            if not os.path.islink(Path(d) / f))
+        files.sort(key=lambda p: p.relative_to(self.local).as_posix() == last)
         for path in files:
             rel = path.relative_to(self.local).as_posix()
             if not _hidden(rel) and not _same(path, remote.get(rel)):
@@ -178,8 +183,11 @@ def _ray_owned(rel: str) -> bool:
     """What Ray Train and Tune keep in the bucket themselves (their storage_path): a whole
     pull leaves it there; Ray reads it from the bucket when it resumes."""
     parts = rel.split("/")
-    return (len(parts) > 2 and parts[0] == "checkpoints" and parts[1] in RAY_OWNED) or \
-        parts[0] == "tune"
+    if parts[0] == "tune":
+        return True
+    # a run's checkpoints/vae/..., or a sweep trial's (trials/<trial>/checkpoints/vae/...)
+    at = 2 if parts[0] == "trials" else 0
+    return len(parts) > at + 2 and parts[at] == "checkpoints" and parts[at + 1] in RAY_OWNED
 
 
 def _same(path: Path, info) -> bool:
@@ -276,6 +284,19 @@ def publish(path, *under: str):
     base = "" if base == "." else base + "/"
     for u in under or ("",):
         m.push_tree((base + u).rstrip("/"))
+
+
+def publish_folder(path, last: str):
+    """Upload a folder replaced in place, such as a checkpoint. Its file `last` (the one a
+    reader checks for) is taken out of the bucket first and uploaded after the rest, so a
+    folder cut off half-way up is never taken for a whole one."""
+    m = mirror_of(path)
+    if m is None:
+        return
+    path = Path(os.path.realpath(path))
+    m.remove(path / last)
+    m.push_tree(path.relative_to(m.local).as_posix(), last=(path / last).relative_to(
+        m.local).as_posix())
 
 
 def removed(path):

@@ -212,17 +212,27 @@ def train_trial(config: dict):
     cfg = with_values(config["_base"], _hparams(config))
     cfg.track.wandb, cfg.track.mlflow = False, ""  # Tune's logger callbacks track the trials
     stage = config["_stage"]
-    run_dir = Path(tune.get_context().get_trial_dir()).resolve()
+    run_dir = trial_run_dir(config.get("_out"), tune.get_context().get_trial_dir())
     data_run = Path(config["_data"])
     storage.refresh(data_run, "data")  # shared data in a bucket: this node's copy
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data").exists():  # read-only: every trial shares the same shards
         (run_dir / "data").symlink_to(data_run / "data", target_is_directory=True)
     if stage == "mdn":
-        shutil.copy(data_run / "checkpoints" / "vae.pt", run_dir / "checkpoints" / "vae.pt")
+        with atomic_path(run_dir / "checkpoints" / "vae.pt") as tmp:  # in a bucket: uploaded
+            shutil.copy(data_run / "checkpoints" / "vae.pt", tmp)
     save_config(cfg, run_dir / "config.yaml")
     fn = train_vae if stage == "vae" else train_mdn
     fn(cfg, run_dir, log=print, callbacks=[TuneReportCallback()])
+
+
+def trial_run_dir(out, trial_dir) -> Path:
+    """Where a train trial keeps its run. A sweep in a bucket keeps it there too, under
+    trials/: Ray Train's checkpoints, the weights and the event files reach every node."""
+    trial_dir = Path(trial_dir)
+    if out is not None and storage.mirror_of(out) is not None:
+        return Path(out).resolve() / "trials" / trial_dir.name
+    return trial_dir.resolve()
 
 
 STATE = "cma_state.pkl"
@@ -393,7 +403,7 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
     else:
         checkpoint_every = 1
     space = {k: _domain(v) for k, v in s.space.items()}
-    space.update({"_base": sw.base, "_stage": s.stage, "_data": str(data_run),
+    space.update({"_base": sw.base, "_stage": s.stage, "_data": str(data_run), "_out": str(out),
                   "_checkpoint_every": checkpoint_every, "_sweep_seed": s.seed})
     # in a bucket, Tune keeps its trials and checkpoints there (every node reaches them)
     where = storage.remote(out / "tune")
@@ -456,16 +466,19 @@ def _summarise(grid, s: SweepConfig, out: Path, log) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hp = {k: best.config[k] for k in s.space}
-    trial_cfg = Path(best.path) / "config.yaml"
+    trial = Path(best.path) if s.stage == "controller" else trial_run_dir(out, best.path)
+    trial_cfg = trial / "config.yaml"
     if trial_cfg.exists():
         shutil.copy(trial_cfg, tmp / "config.yaml")
     else:
         save_config(with_values(best.config["_base"], hp), tmp / "config.yaml")
-    ckpt_path = _best_checkpoint(best, s)
+    ckpt_path = _best_checkpoint(best, s, trial)
     if ckpt_path and s.stage == "controller":  # Tune's checkpoint, maybe in a bucket
         best.checkpoint.to_directory(str(tmp / "checkpoint"))
-    elif ckpt_path:
-        shutil.copytree(ckpt_path, tmp / "checkpoint")
+    elif ckpt_path:  # Ray Train's, maybe in a bucket
+        from ray.train import Checkpoint
+
+        Checkpoint(ckpt_path).to_directory(str(tmp / "checkpoint"))
     shutil.rmtree(best_dir, ignore_errors=True)
     tmp.rename(best_dir)
     return {"stage": s.stage, "metric": s.metric, "mode": s.mode, "best_trial": Path(best.path).name,
@@ -473,16 +486,18 @@ def _summarise(grid, s: SweepConfig, out: Path, log) -> dict:
             "best_checkpoint": str(best_dir / "checkpoint") if ckpt_path else None}
 
 
-def _best_checkpoint(best, s: SweepConfig) -> str | None:
+def _best_checkpoint(best, s: SweepConfig, trial: Path) -> str | None:
     if s.stage == "controller":
         return best.checkpoint.path if best.checkpoint else None
     path = (best.metrics or {}).get("checkpoint_path")  # forwarded by TuneReportCallback
-    if path and Path(path).exists():
+    if path and (storage.is_uri(path) or Path(path).exists()):
         return path
     from rayworld.train.common import last_checkpoint_dir
 
-    found = last_checkpoint_dir(Path(best.path), s.stage)
-    return found if Path(found).exists() else None
+    found = last_checkpoint_dir(trial, s.stage)
+    if found == "none yet" or not (storage.mirror_of(found) or Path(found).exists()):
+        return None
+    return storage.remote(found)
 
 
 def _score_best_controller(sw: Sweep, data_run: Path, out: Path, dream_return: float,

@@ -115,6 +115,47 @@ def test_mirror_uploads_whole_objects_and_pulls_only_what_differs(s3, tmp_path, 
     storage.refresh_files([other / "data" / "episodes" / "ep-1.parquet"])
     assert sorted(p.name for p in (other / "data" / "episodes").iterdir()) == ["ep-1.parquet"]
 
+    # a sweep trial's run: its Ray Train folders stay in the bucket on a whole pull, and its
+    # link to the shared data is not followed when the run is published
+    s3.put_object(Bucket=BUCKET, Key="unit/run/trials/t0/checkpoints/mdn/checkpoint_1/s.pt",
+                  Body=b"x")
+    (other / "trials" / "t0").mkdir(parents=True)
+    (other / "trials" / "t0" / "data").symlink_to(other / "data", target_is_directory=True)
+    (other / "trials" / "t0" / "config.yaml").write_text("seed: 0")
+    storage.refresh(other)
+    assert not (other / "trials" / "t0" / "checkpoints").exists()
+    storage.publish(other)
+    got = set(_objects(s3, "unit/run/trials/"))
+    assert got == {"t0/checkpoints/mdn/checkpoint_1/s.pt", "t0/config.yaml"}
+
+    # a folder replaced in place (an RLlib checkpoint): its marker leaves the bucket first and
+    # comes back last, so an upload cut off half-way is not taken for a whole checkpoint
+    ckpt = other / "checkpoints" / "rllib"
+    ckpt.mkdir(parents=True)
+    for name in ("algorithm_state.pkl", "history.json", "zz_module.pt"):
+        (ckpt / name).write_text("v1")
+    storage.publish_folder(ckpt, "history.json")
+    key = "unit/run/checkpoints/rllib/"
+    assert set(_objects(s3, key)) == {"algorithm_state.pkl", "history.json", "zz_module.pt"}
+    for name in ("algorithm_state.pkl", "history.json", "zz_module.pt"):
+        (ckpt / name).write_text("v2, longer")
+    pushed, push = [], storage.Mirror.push
+
+    def cut_off(self, path):
+        if len(pushed) == 1:
+            raise storage.StorageError("connection lost")
+        pushed.append(Path(path).name)
+        push(self, path)
+
+    monkeypatch.setattr(storage.Mirror, "push", cut_off)
+    with pytest.raises(storage.StorageError):
+        storage.publish_folder(ckpt, "history.json")
+    assert pushed == ["algorithm_state.pkl"]  # the marker was not next, though it sorts so
+    assert "history.json" not in _objects(s3, key)
+    monkeypatch.setattr(storage.Mirror, "push", push)
+    storage.publish_folder(ckpt, "history.json")
+    assert s3.get_object(Bucket=BUCKET, Key=key + "history.json")["Body"].read() == b"v2, longer"
+
 
 @pytest.mark.parametrize("uri, says", [("unknownfs://bucket/x", "unknownfs://"),
                                        ("az://container/x", "adlfs")])
@@ -199,7 +240,7 @@ def test_pipeline_in_a_bucket_resumes_on_another_machine_and_names_a_corrupt_obj
 
 
 @pytest.mark.slow
-def test_pbt_sweep_in_a_bucket_over_data_in_a_bucket(s3, tmp_path):
+def test_pbt_and_asha_sweeps_in_a_bucket_over_data_in_a_bucket(s3, tmp_path):
     import json
 
     data, out = f"s3://{BUCKET}/sweep/data", f"s3://{BUCKET}/sweep/out"
@@ -220,3 +261,39 @@ def test_pbt_sweep_in_a_bucket_over_data_in_a_bucket(s3, tmp_path):
     assert {"best/controller.pt", "best/config.yaml", "sweep.yaml"} <= set(got)
     assert any(k.startswith("tune/sweep/") and "checkpoint_" in k for k in got)  # Tune's own
     assert not (tmp_path / "other" / "s3" / BUCKET / "sweep" / "out" / "tune").exists()
+
+    # an ASHA sweep of train trials, from a third empty mirror: each trial's run (its Ray
+    # Train checkpoints, weights and event files) lives in the bucket, the data once
+    asha = ["sweep.num_samples=2", "sweep.max_concurrent=1", "sweep.scheduler.max_t=2",
+            "sweep.scheduler.grace_period=2", "mdn.epochs=2", "mdn.seq_len=16",
+            "mdn.batch_size=8", "ray.num_cpus=2", "ray.cpus_per_worker=0.9",
+            "ray.object_store_mb=150", "sweep.space.mdn.hidden={choice: [16, 32]}"]
+    out = f"s3://{BUCKET}/sweep/mdn"
+    done = _cli(["tune", "--config", "tune_configs/mdn_asha.yaml", "--out", out, "--data", data,
+                 *_sets(asha)], tmp_path / "third", timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = _objects(s3, "sweep/mdn/")
+    report = json.loads(s3.get_object(Bucket=BUCKET, Key="sweep/mdn/sweep_report.json")
+                        ["Body"].read())
+    assert len(report["trials"]) == 2 and all(t["epoch"] == 2 for t in report["trials"])
+    for t in report["trials"]:
+        run = f"trials/{t['trial']}/"
+        # ASHA stops a trial at max_t, before it exports mdn.pt: its weights are Ray Train's
+        assert {run + "checkpoints/vae.pt", run + "config.yaml",
+                run + "images/mdn_curves.png"} <= set(got), sorted(got)
+        assert any(k.startswith(run + "checkpoints/mdn/checkpoint_") for k in got)
+        assert any(k.startswith(run + "tensorboard/mdn/events") for k in got)
+    assert not any("/data/" in k for k in got)  # the trials link to the data; not copied
+    assert "best/checkpoint/state.pt" in got and "best/config.yaml" in got
+    best = report["best_trial"]
+    assert report["best_checkpoint"].endswith("best/checkpoint")
+    import io
+
+    import torch
+
+    state = torch.load(io.BytesIO(s3.get_object(
+        Bucket=BUCKET, Key="sweep/mdn/best/checkpoint/state.pt")["Body"].read()),
+        weights_only=True)
+    assert state["epoch"] == 2 and state["history"]["val_nll"][-1] == pytest.approx(
+        report["best_value"])
+    assert best in {t["trial"] for t in report["trials"]}

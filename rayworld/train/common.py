@@ -6,7 +6,9 @@ absolute paths (Ray Train changes the working directory).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import tempfile
 import time
@@ -64,11 +66,14 @@ def fit(loop, cfg: Config, run_dir: Path, name: str, extra: dict | None = None,
     from rayworld.train.rendezvous import torch_config_for
 
     run_dir = Path(run_dir).resolve()
+    extra = dict(extra or {})
+    if (run_dir / "data").is_symlink():  # a sweep trial's link to the shared data
+        extra["data_link"] = os.readlink(run_dir / "data")
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
     trainer = TorchTrainer(
         _stop_on_bad_files(loop, name),
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), **(extra or {})},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), **extra},
         scaling_config=scaling,
         torch_config=torch_config_for(cfg.ray.use_gpu),
         run_config=RunConfig(
@@ -301,8 +306,14 @@ def worker_setup(config: dict):
     from rayworld.config import load_config
 
     cfg = load_config(base=config["cfg"])
+    run_dir = Path(config["run_dir"])
+    if config.get("data_link") and not (run_dir / "data").is_symlink():
+        # a sweep trial in a bucket, and this worker on another node than the trial
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another rank on this node made it
+            (run_dir / "data").symlink_to(config["data_link"], target_is_directory=True)
     # Ray Train sets OMP_NUM_THREADS=1; give torch the CPUs this worker reserved.
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     ctx = ray.train.get_context()
-    return (cfg, Path(config["run_dir"]), ctx.get_world_rank(), ctx.get_world_size(),
+    return (cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(),
             ray.train.torch.get_device())

@@ -95,7 +95,7 @@ def train_loop(config: dict):
     from rayworld.train.optim import Stepper, param_groups
 
     cfg, run_dir, rank, world, device = common.worker_setup(config)
-    storage.refresh(run_dir, "data/series")  # a run in object storage: on this node
+    storage.refresh(run_dir / "data" / "series")  # in object storage: on this node
     series = Manifest.load(run_dir / "data", SERIES, stage="encode")
     _, _, steps = plan(series, cfg, world)
     mine, my_val = rank_episodes(series, cfg, rank, world)
