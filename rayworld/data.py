@@ -359,6 +359,23 @@ def iter_frames(files: list[Path], obs_shape, batch_size: int):
             raise damaged(f, e) from None
 
 
+def rebatch(batches, size: int):
+    """The same frames in the same order, in batches of exactly `size` (the last may be
+    short). oneDNN keeps kernels and scratch memory per input shape (about 27 MB per shape for
+    the VAE), so a batch per episode, each as long as its episode, grows memory with the data."""
+    parts, held = [], 0
+    for b in batches:
+        parts.append(b)
+        held += len(b)
+        if held >= size:
+            pool = np.concatenate(parts)
+            n = len(pool) // size * size
+            yield from (pool[i:i + size] for i in range(0, n, size))
+            parts, held = ([pool[n:]], len(pool) - n) if n < len(pool) else ([], 0)
+    if held:
+        yield np.concatenate(parts)
+
+
 def read_series(path) -> dict:
     """One encoded episode as arrays: mu, logvar [T,Z], action [T,A], reward, done [T]."""
     pf = open_shard(path)

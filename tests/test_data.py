@@ -150,3 +150,35 @@ def test_first_latents_match_the_first_row(tmp_path):
     m0, lv0 = first_latents(path)
     np.testing.assert_array_equal(m0, mu[0])
     np.testing.assert_array_equal(lv0, mu[0] * 2)
+
+
+def test_rebatch_gives_fixed_shapes_with_every_frame_in_order():
+    from rayworld.data import rebatch
+
+    lengths = [200, 37, 1, 256, 90, 513]  # episodes of many lengths, as validation meets them
+    frames = np.arange(sum(lengths))
+    parts = np.split(frames, np.cumsum(lengths)[:-1])
+    out = list(rebatch(iter(parts), 256))
+    assert [len(b) for b in out] == [256] * 4 + [len(frames) - 4 * 256]
+    assert np.array_equal(np.concatenate(out), frames)
+    assert list(rebatch(iter([]), 256)) == []
+
+
+@pytest.mark.slow  # ~1 min: 40 forward passes of the VAE
+def test_varied_batch_shapes_grow_memory_and_fixed_shapes_do_not():
+    """Why rebatch exists: oneDNN keeps kernels and scratch memory per input shape."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, psutil\n"
+            "from rayworld.models.vae import ConvVAE\n"
+            "torch.set_num_threads(1); m = ConvVAE().eval(); p = psutil.Process()\n"
+            "with torch.no_grad():\n"
+            "    m(torch.rand(64, 3, 64, 64)); before = p.memory_info().rss\n"
+            "    for i in range(40):\n"
+            "        m(torch.rand(64 if sys.argv[1] == 'fixed' else 65 + i, 3, 64, 64))\n"
+            "print((p.memory_info().rss - before) / 2**20)\n")
+    grew = {mode: float(subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
+                                       text=True, check=True).stdout.split()[-1])
+            for mode in ("fixed", "varied")}
+    assert grew["fixed"] < 50 and grew["varied"] > 4 * max(grew["fixed"], 50), grew
