@@ -349,7 +349,12 @@ class _Pool:
 
 
 def iter_frames(files: list[Path], obs_shape, batch_size: int):
-    """Every frame of `files` once, in order (validation, encoding)."""
+    """Every frame of `files` once, in order, in batches of exactly `batch_size` across file
+    boundaries, the last maybe short (validation, encoding, diagnose)."""
+    return rebatch(_file_frames(files, obs_shape, batch_size), batch_size)
+
+
+def _file_frames(files: list[Path], obs_shape, batch_size: int):
     for f in files:
         pf = open_shard(f)
         try:
@@ -368,12 +373,12 @@ def rebatch(batches, size: int):
         parts.append(b)
         held += len(b)
         if held >= size:
-            pool = np.concatenate(parts)
+            pool = parts[0] if len(parts) == 1 else np.concatenate(parts)  # no copy for one
             n = len(pool) // size * size
             yield from (pool[i:i + size] for i in range(0, n, size))
             parts, held = ([pool[n:]], len(pool) - n) if n < len(pool) else ([], 0)
     if held:
-        yield np.concatenate(parts)
+        yield parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def read_series(path) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from rayworld import storage
 from rayworld.config import Config
-from rayworld.data import Manifest, iter_frames, prefetch, rank_share, rebatch, split_episodes, stream_frames
+from rayworld.data import Manifest, iter_frames, prefetch, rank_share, split_episodes, stream_frames
 from rayworld.telemetry import record
 from rayworld.track import Tracker
 from rayworld.train import common
@@ -66,7 +66,7 @@ def evaluate(model, files, obs_shape, batch_size, device, beta, kl_tol, stride=1
     originals, recons = [], []
     model.eval()
     with torch.no_grad():
-        for batch in rebatch(iter_frames(files, obs_shape, batch_size), batch_size):
+        for batch in iter_frames(files, obs_shape, batch_size):
             x = _to_x(batch, device)
             x_hat, mu, logvar = model(x)
             # the plain loss: held-out batches are one episode each, so a median frame
