@@ -86,6 +86,11 @@ class Mirror:
         self.fs, self.root = filesystem(self.uri)
         self.root = self.root.rstrip("/")
 
+    def rel(self, path) -> str:
+        """`path` (links resolved) relative to the mirror: "" for the mirror itself."""
+        rel = Path(os.path.realpath(path)).relative_to(self.local).as_posix()
+        return "" if rel == "." else rel
+
     def key(self, path: Path) -> str:
         return f"{self.root}/{Path(path).relative_to(self.local).as_posix()}"
 
@@ -257,9 +262,8 @@ def refresh(path, *under: str):
     m = mirror_of(path)
     if m is None:
         return
-    base = Path(os.path.realpath(path)).relative_to(m.local).as_posix()
-    base = "" if base == "." else base + "/"
-    m.pull(*[(base + u).rstrip("/") for u in under] or [base.rstrip("/")])
+    base = m.rel(path)
+    m.pull(*[_join(base, u) for u in under] or [base])
 
 
 def refresh_files(paths):
@@ -268,7 +272,7 @@ def refresh_files(paths):
     for p in paths:
         m = mirror_of(p)
         if m is not None:
-            rel = Path(os.path.realpath(p)).relative_to(m.local).as_posix()
+            rel = m.rel(p)
             groups.setdefault((id(m), rel.rsplit("/", 1)[0] if "/" in rel else ""),
                               (m, set()))[1].add(rel)
     for (_, folder), (m, rels) in groups.items():
@@ -280,10 +284,9 @@ def publish(path, *under: str):
     m = mirror_of(path)
     if m is None:
         return
-    base = Path(os.path.realpath(path)).relative_to(m.local).as_posix()
-    base = "" if base == "." else base + "/"
+    base = m.rel(path)
     for u in under or ("",):
-        m.push_tree((base + u).rstrip("/"))
+        m.push_tree(_join(base, u))
 
 
 def publish_folder(path, last: str):
@@ -293,10 +296,12 @@ def publish_folder(path, last: str):
     m = mirror_of(path)
     if m is None:
         return
-    path = Path(os.path.realpath(path))
-    m.remove(path / last)
-    m.push_tree(path.relative_to(m.local).as_posix(), last=(path / last).relative_to(
-        m.local).as_posix())
+    m.remove(Path(os.path.realpath(path)) / last)
+    m.push_tree(m.rel(path), last=_join(m.rel(path), last))
+
+
+def _join(base: str, under: str) -> str:
+    return f"{base}/{under}".strip("/") if base else under.rstrip("/")
 
 
 def removed(path):
