@@ -417,8 +417,10 @@ def run_sweep(sw: Sweep, out: Path, data: Path | None = None, log=print) -> dict
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=s.metric, mode=s.mode, scheduler=_scheduler(s),
-                search_alg=BasicVariantGenerator(random_state=s.seed),
-                num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
+                # Tune ignores max_concurrent_trials beside a search generator: give it here
+                search_alg=BasicVariantGenerator(random_state=s.seed,
+                                                 max_concurrent=s.max_concurrent),
+                num_samples=s.num_samples),
             run_config=tune.RunConfig(
                 name="sweep", storage_path=where,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),

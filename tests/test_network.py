@@ -1,5 +1,6 @@
 """A laptop run stays on the laptop: the Ray a run starts in-process listens on loopback only."""
 import ipaddress
+import os
 import subprocess
 import sys
 import time
@@ -97,3 +98,19 @@ def test_ddp_training_in_process_listens_on_loopback_only(tmp_path):
     exposed = sorted(s for s in seen if not _loopback(s[1]))
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert set(Path("/tmp").glob("rw-pg-*")) <= before, "the rendezvous file was left"
+
+
+def test_stale_rendezvous_files_of_dead_starters_are_cleared(tmp_path):
+    """A trial that Tune stops never runs on_shutdown; the next start removes its file, and
+    only files whose starter has died."""
+    from rayworld.train.rendezvous import clear_stale
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is now free: the starter of a stopped trial
+    dead = tmp_path / f"rw-pg-{child.pid}-{'a' * 32}"
+    live = tmp_path / f"rw-pg-{os.getpid()}-{'b' * 32}"
+    legacy = tmp_path / f"rw-pg-{'c' * 32}"
+    for p in (dead, live, legacy):
+        p.write_bytes(b"")
+    assert clear_stale(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and legacy.exists()

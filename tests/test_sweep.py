@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -221,14 +222,24 @@ def test_interrupted_sweep_resumes_with_tuner_restore(data_run, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    exp = out / "tune" / "sweep"
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+    threading.Thread(target=read, daemon=True).start()
+    # Tune keeps result.json in Ray's session directory until it syncs the experiment, so
+    # wait on what the sweep prints: one trial at a time, so the first epoch 3/3 means one
+    # trial is through and two are still to run
     deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the first trial has finished
-        done = [d for d in exp.glob("train_trial_*") if (d / "result.json").exists() and
-                len((d / "result.json").read_text().splitlines()) >= 3]
-        if done:
+    while time.time() < deadline and proc.poll() is None:
+        if any("mdn epoch 3/3:" in line for line in list(lines)):
             break
         time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + \
+        "".join(lines)[-3000:]
+    # sweep.max_concurrent=1: the third trial waits for the second
+    assert sum("started with configuration" in line for line in list(lines)) <= 2
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert not (out / "sweep_report.json").exists()

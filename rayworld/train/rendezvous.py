@@ -10,6 +10,7 @@ A real cluster keeps Ray's own TCP rendezvous.
 from __future__ import annotations
 
 import contextlib
+import glob
 import ipaddress
 import os
 import sys
@@ -39,13 +40,41 @@ def _on_loopback():
     os.environ.setdefault("NCCL_SOCKET_IFNAME", LOOPBACK)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(tmp: str) -> list[str]:
+    """Removes the rendezvous files of process groups whose starter has died.
+
+    A trial that Tune stops (ASHA at max_t, Ctrl-C) never reaches on_shutdown, so its file stays;
+    the starter's pid in the name tells a stale file from one a live run is using.
+    """
+    gone = []
+    for path in glob.glob(os.path.join(tmp, "rw-pg-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                gone.append(path)
+    return gone
+
+
 class _FileBackend(torch_config._TorchBackend):
     """Ray's torch backend with `file://` rendezvous (all workers share this machine's disk)."""
 
     path = ""
 
     def on_start(self, worker_group, backend_config):
-        self.path = os.path.join(tempfile.gettempdir(), f"rw-pg-{uuid.uuid4().hex}")
+        tmp = tempfile.gettempdir()
+        clear_stale(tmp)
+        self.path = os.path.join(tmp, f"rw-pg-{os.getpid()}-{uuid.uuid4().hex}")
         worker_group.execute(_on_loopback)
         if not isinstance(worker_group, torch_config.V1WorkerGroup):
             worker_group.execute(torch_config._set_torch_distributed_env_vars)
