@@ -44,7 +44,8 @@ def test_planner_drives_the_real_track_on_the_quickstart_world_model(ray_session
                  "--set", "controller.kind=mpc", "--set", "evaluate.episodes=8"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["controller_kind"] == "mpc" and report["episodes"] == 8
-    # a car that plans its way along the track: the preset's seed 0 gave 162.44 on 8 episodes
+    # a car that plans its way along the track: the preset's seed 0 gave 156.61 on 8 episodes
+    # (162.44 when the preset trained the VAE for 3 epochs)
     assert report["real_return_mean"] > 100, report
     assert report["real_return_mean"] - report["random_return_mean"] > \
         5 * (report["real_return_se"] ** 2 + report["random_return_se"] ** 2) ** 0.5
