@@ -153,6 +153,13 @@ def _check_space(sweep: SweepConfig, base: dict, path: Path):
             raise ConfigError(f"{path}: sweep.space: {e}") from None
     if sweep.scheduler.type == "pbt" and sweep.stage != "controller":
         raise ConfigError(f"{path}: sweep.scheduler.type 'pbt' is for stage 'controller'")
+    if (sweep.scheduler.type == "pbt" and sweep.scheduler.synch
+            and 0 < sweep.max_concurrent < sweep.num_samples):
+        # a trial waiting at the interval stays live, so the rest could never start
+        raise ConfigError(f"{path}: sweep.max_concurrent is {sweep.max_concurrent} but "
+                          f"num_samples is {sweep.num_samples}; synchronous PBT waits for every "
+                          "trial at each interval: raise max_concurrent to num_samples, or set "
+                          "sweep.scheduler.synch=false")
     if sweep.stage == "controller" and base["evolve"]["generations"] < 1:
         raise ConfigError(f"{path}: evolve.generations is {base['evolve']['generations']}; "
                           "a controller sweep needs at least 1")

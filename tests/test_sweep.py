@@ -89,6 +89,11 @@ def test_sweep_files_load_and_bad_keys_fail_with_one_line(tmp_path):
                    "{uniform: [1e-4, 1e-3]}}}\n")
     with pytest.raises(ConfigError, match="'pbt' is for stage 'controller'"):
         load_sweep(bad)
+    with pytest.raises(ConfigError, match="max_concurrent is 2 but num_samples is 4; synchronous"):
+        load_sweep(ROOT / "tune_configs/controller_pbt.yaml", ["sweep.max_concurrent=2"])
+    sw = load_sweep(ROOT / "tune_configs/controller_pbt.yaml",
+                    ["sweep.max_concurrent=2", "sweep.scheduler.synch=false"])
+    assert sw.sweep.max_concurrent == 2
     with pytest.raises(ConfigError, match="evolve.generations is 0; a controller sweep needs"):
         load_sweep(ROOT / "tune_configs/controller_pbt.yaml", ["evolve.generations=0"])
 
