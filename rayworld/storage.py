@@ -296,8 +296,9 @@ def publish_folder(path, last: str):
     m = mirror_of(path)
     if m is None:
         return
+    rel = m.rel(path)
     m.remove(Path(os.path.realpath(path)) / last)
-    m.push_tree(m.rel(path), last=_join(m.rel(path), last))
+    m.push_tree(rel, last=_join(rel, last))
 
 
 def _join(base: str, under: str) -> str:
