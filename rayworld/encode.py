@@ -47,6 +47,31 @@ def load_vae(path: Path):
     return model.eval()
 
 
+def padded_size(n: int, batch: int) -> int:
+    """The batch length that `n` frames are encoded at: the next power of two (at least 16),
+    at most `batch`. oneDNN keeps kernels and scratch memory per input shape, and each
+    episode's last batch would otherwise bring a new one; this bounds them to a handful."""
+    return min(batch, max(16, 1 << (n - 1).bit_length()))
+
+
+def encode_frames(model, batches, batch: int, pad: bool = True) -> tuple[list, list]:
+    """(mu, logvar) of every frame, per batch; short batches are zero-padded to
+    `padded_size` and the padding's outputs dropped (`pad=False` only for bench/)."""
+    mus, logvars = [], []
+    with torch.no_grad():
+        for frames in batches:
+            n = len(frames)
+            size = padded_size(n, batch) if pad else n
+            if size > n:
+                frames = np.concatenate([frames, np.zeros((size - n, *frames.shape[1:]),
+                                                          frames.dtype)])
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
+            mu, logvar = model.encode(x)
+            mus.append(mu[:n].numpy())
+            logvars.append(logvar[:n].numpy())
+    return mus, logvars
+
+
 def _encode_episodes(vae_path: str, data_dir: str, jobs: list, obs_shape, batch: int,
                      threads: int) -> list[dict]:
     torch.set_num_threads(threads)
@@ -56,13 +81,7 @@ def _encode_episodes(vae_path: str, data_dir: str, jobs: list, obs_shape, batch:
         src = Path(data_dir) / file
         storage.refresh(src)  # a run in object storage: this node's copy
         table = open_shard(src).read(columns=["action", "reward", "terminated", "truncated"])
-        mus, logvars = [], []
-        with torch.no_grad():
-            for frames in iter_frames([src], obs_shape, batch):
-                x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)
-                mu, logvar = model.encode(x)
-                mus.append(mu.numpy())
-                logvars.append(logvar.numpy())
+        mus, logvars = encode_frames(model, iter_frames([src], obs_shape, batch), batch)
         name = f"series/{shard_name(episode)}"
         size = write_series(Path(data_dir) / name, episode, np.concatenate(mus),
                             np.concatenate(logvars), list_array(table.column("action")),

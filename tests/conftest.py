@@ -65,6 +65,25 @@ def processes_naming(path: str, before: frozenset = frozenset()) -> list:
     return found
 
 
+def stop_processes_naming(path: str, before: frozenset = frozenset()) -> list:
+    """What `ray stop --force` does, for the Ray started under `path` only (it would also stop
+    the test session's Ray): SIGTERM, then SIGKILL for what ignores it (gcs_server does).
+    Returns what is still alive."""
+    import signal
+
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = processes_naming(path, before)
+        for p in left:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=15)
+    return processes_naming(path, before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole test session."""

@@ -182,3 +182,28 @@ def test_varied_batch_shapes_grow_memory_and_fixed_shapes_do_not():
                                        text=True, check=True).stdout.split()[-1])
             for mode in ("fixed", "varied")}
     assert grew["fixed"] < 50 and grew["varied"] > 4 * max(grew["fixed"], 50), grew
+
+
+def test_encode_pads_short_batches_to_few_shapes_with_the_same_latents():
+    """Every episode's last batch has its own length; encode pads it to one of a few shapes."""
+    import torch
+
+    from rayworld.encode import encode_frames, padded_size
+    from rayworld.models.vae import ConvVAE
+
+    torch.manual_seed(0)
+    model = ConvVAE(latent=8).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8) for n in (64, 37, 1, 20)]
+    mus, logvars = encode_frames(model, iter(batches), 64)
+    assert seen == [64, 64, 16, 32]  # 37 -> 64, 1 -> 16, 20 -> 32
+    assert [len(m) for m in mus] == [64, 37, 1, 20] == [len(v) for v in logvars]
+    seen.clear()
+    plain, _ = encode_frames(model, iter(batches), 64, pad=False)
+    assert seen == [64, 37, 1, 20]
+    for a, b in zip(mus, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    sizes = {padded_size(n, 256) for n in range(1, 257)}
+    assert sizes == {16, 32, 64, 128, 256}

@@ -9,14 +9,13 @@ processes (`ray stop` would also stop the test session's Ray), and the test fail
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, processes_naming
+from conftest import free_ports, stop_processes_naming
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rayworld_env_steps", "rayworld_frames_written", "rayworld_train_loss",
@@ -53,17 +52,7 @@ def head():
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     yield {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
-    # `ray stop --force` would kill the session's Ray too, so do what it does to this head's
-    # processes only: SIGTERM, then SIGKILL for what ignores it (gcs_server does)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = processes_naming(temp, before)
-        for p in left:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=15)
-    assert not processes_naming(temp, before), "the test head left processes running"
+    assert not stop_processes_naming(temp, before), "the test head left processes running"
     shutil.rmtree(temp, ignore_errors=True)  # its logs and sockets
 
 

@@ -297,3 +297,94 @@ def test_pbt_and_asha_sweeps_in_a_bucket_over_data_in_a_bucket(s3, tmp_path):
     assert state["epoch"] == 2 and state["history"]["val_nll"][-1] == pytest.approx(
         report["best_value"])
     assert best in {t["trial"] for t in report["trials"]}
+
+
+def _private_mounts_work(tmp: Path) -> str | None:
+    """Why a node cannot get a disk of its own here, or None when it can."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return "no `unshare` (util-linux) on this machine"
+    probe = tmp / "probe"
+    probe.mkdir()
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          f"mount -t tmpfs rw-probe {probe} && touch {probe}/x"],
+                         capture_output=True, text=True)
+    if out.returncode != 0 or (probe / "x").exists():
+        return f"a private mount namespace needs root or CAP_SYS_ADMIN ({out.stderr.strip()})"
+    return None
+
+
+@pytest.mark.slow  # about 5 min: a head, a worker node with a disk of its own, the pipeline
+def test_pipeline_on_a_cluster_whose_nodes_share_no_disk(s3, tmp_path):
+    """A `ray start` head with no CPUs runs the driver; every task and actor runs on a worker
+    node in a mount namespace of its own, where the run's mirror folder and Ray's temp dir
+    are empty tmpfs mounts. So whatever a stage on one node reads, another node wrote to the
+    bucket, not to a disk they share."""
+    import json
+    import shutil
+
+    import psutil
+    from conftest import free_ports, processes_naming, stop_processes_naming
+
+    why = _private_mounts_work(tmp_path)
+    if why:
+        pytest.skip(why)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "on-the-head-only").write_text("the driver's disk")
+    head_tmp, node_tmp = f"/tmp/rw-h{os.getpid()}", f"/tmp/rw-n{os.getpid()}"
+    os.makedirs(node_tmp)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    before = frozenset(p.pid for p in psutil.process_iter())
+
+    def node(temp: str, cpus: int, ip: str, *args: str) -> list[str]:
+        ports = free_ports(7)
+        return ["ray", "start", "--num-cpus", str(cpus), "--node-ip-address", ip,
+                "--temp-dir", temp, "--object-store-memory", str(200 * 2**20),
+                "--disable-usage-stats", "--node-manager-port", str(ports[0]),
+                "--object-manager-port", str(ports[1]), "--metrics-export-port",
+                str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
+                "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port",
+                str(ports[5]), *args]
+
+    gcs, dash, client = free_ports(3)
+    try:
+        out = subprocess.run(node(head_tmp, 0, "127.0.0.1", "--head", "--port", str(gcs),
+                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                                  "--ray-client-server-port", str(client)),
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        address = f"127.0.0.1:{gcs}"
+        private = (f"mount -t tmpfs rw-node-disk {mirror} && "
+                   f"mount -t tmpfs rw-node-tmp {node_tmp} && exec "
+                   + " ".join(node(node_tmp, 2, "127.0.0.2", "--address", address)))
+        out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                              private], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+        uri, prefix = f"s3://{BUCKET}/private/run", "private/run/"
+        small = [s for s in SMALL if not s.startswith(("ray.num_cpus", "ray.object_store"))]
+        done = _cli(["pipeline", "--config", "tune_configs/quickstart.yaml", "--out", uri,
+                     "--address", address, *_sets(small)], mirror, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(s3.get_object(Bucket=BUCKET, Key=prefix + "report.json")
+                            ["Body"].read())
+        assert report["evaluated_generation"] == 2 and report["episodes"] == 2
+        got = _objects(s3, prefix)
+        assert {"checkpoints/vae.pt", "checkpoints/mdn.pt", "checkpoints/controller.pt",
+                "data/series/starts.npz", "summary.md"} <= set(got)
+
+        # the worker node's view of the same paths, through its raylet's mount namespace
+        raylet = next(p for p in processes_naming(node_tmp, before) if p.name() == "raylet")
+        seen = Path(f"/proc/{raylet.pid}/root") / str(mirror).lstrip("/")
+        assert not (seen / "on-the-head-only").exists()
+        assert (mirror / "on-the-head-only").exists()
+        shards = list(seen.rglob("data/episodes/ep-*.parquet"))  # collected on the worker
+        assert len(shards) == 4, sorted(seen.rglob("*"))
+    finally:
+        left = stop_processes_naming(node_tmp, before) + stop_processes_naming(head_tmp, before)
+        for temp in (head_tmp, node_tmp):
+            shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"the test cluster left processes running: {left}"
