@@ -315,7 +315,7 @@ def _private_mounts_work(tmp: Path) -> str | None:
     return None
 
 
-@pytest.mark.slow  # about 5 min: a head, a worker node with a disk of its own, the pipeline
+@pytest.mark.slow  # about 2 min: a head, a worker node with a disk of its own, the pipeline
 def test_pipeline_on_a_cluster_whose_nodes_share_no_disk(s3, tmp_path):
     """A `ray start` head with no CPUs runs the driver; every task and actor runs on a worker
     node in a mount namespace of its own, where the run's mirror folder and Ray's temp dir
