@@ -15,6 +15,7 @@ which does not change its memory.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from vae_memory import high_water  # this script's folder
 
 BATCH = 256  # what encode reads per batch
 
@@ -39,9 +41,7 @@ def child(mode: str, data_dir: str) -> None:
         mus, _ = encode_frames(model, iter_frames([f], (64, 64, 3), BATCH), BATCH,
                                pad=mode == "padded")
         frames += sum(len(m) for m in mus)
-    with open("/proc/self/status") as s:
-        hwm = next(int(line.split()[1]) * 1024 for line in s if line.startswith("VmHWM:"))
-    print(frames, hwm)
+    print(frames, high_water(os.getpid()))
 
 
 def make_data(root: Path, episodes: int, rng) -> None:

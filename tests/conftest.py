@@ -65,6 +65,28 @@ def processes_naming(path: str, before: frozenset = frozenset()) -> list:
     return found
 
 
+def ray_start_cmd(temp: str, cpus: int, head: bool, ip: str | None = None):
+    """(`ray start` for one node of a test cluster, its ports by name): every port a free one
+    of its own, its own temp dir, 300 MB of object store, no usage stats. A head also gets a
+    GCS, dashboard (on 127.0.0.1) and client port."""
+    names = ("node", "objects", "metrics", "agent", "agent_grpc", "runtime_env", "gcs",
+             "dashboard", "client")
+    ports = dict(zip(names, free_ports(len(names))))
+    cmd = ["ray", "start", "--num-cpus", str(cpus), "--temp-dir", temp,
+           "--object-store-memory", str(300 * 2**20), "--disable-usage-stats",
+           "--node-manager-port", str(ports["node"]), "--object-manager-port",
+           str(ports["objects"]), "--metrics-export-port", str(ports["metrics"]),
+           "--dashboard-agent-listen-port", str(ports["agent"]), "--dashboard-agent-grpc-port",
+           str(ports["agent_grpc"]), "--runtime-env-agent-port", str(ports["runtime_env"])]
+    if ip:
+        cmd += ["--node-ip-address", ip]
+    if head:
+        cmd += ["--head", "--port", str(ports["gcs"]), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(ports["dashboard"]), "--ray-client-server-port",
+                str(ports["client"])]
+    return cmd, ports
+
+
 def stop_processes_naming(path: str, before: frozenset = frozenset()) -> list:
     """What `ray stop --force` does, for the Ray started under `path` only (it would also stop
     the test session's Ray): SIGTERM, then SIGKILL for what ignores it (gcs_server does).

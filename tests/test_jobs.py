@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, stop_processes_naming
+from conftest import ray_start_cmd, stop_processes_naming
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("rayworld_env_steps", "rayworld_frames_written", "rayworld_train_loss",
@@ -39,19 +39,13 @@ def _env() -> dict:
 def head():
     import psutil
 
-    gcs, dash, metrics, agent, agent_grpc, rt_env, node_mgr, obj_mgr, client = free_ports(9)
     temp = f"/tmp/rw-head-{os.getpid()}"  # short: Unix socket paths are limited to 107 bytes
-    cmd = ["ray", "start", "--head", "--num-cpus", "2", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--metrics-export-port", str(metrics), "--dashboard-agent-listen-port", str(agent),
-           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port",
-           str(rt_env), "--node-manager-port", str(node_mgr), "--object-manager-port",
-           str(obj_mgr), "--ray-client-server-port", str(client), "--temp-dir", temp,
-           "--object-store-memory", str(300 * 1024 * 1024), "--disable-usage-stats"]
+    cmd, ports = ray_start_cmd(temp, 2, head=True)
     before = {p.pid for p in psutil.process_iter()}
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    yield {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+    yield {"dashboard": f"http://127.0.0.1:{ports['dashboard']}",
+           "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics"}
     assert not stop_processes_naming(temp, before), "the test head left processes running"
     shutil.rmtree(temp, ignore_errors=True)  # its logs and sockets
 

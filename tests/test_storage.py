@@ -325,7 +325,7 @@ def test_pipeline_on_a_cluster_whose_nodes_share_no_disk(s3, tmp_path):
     import shutil
 
     import psutil
-    from conftest import free_ports, processes_naming, stop_processes_naming
+    from conftest import processes_naming, ray_start_cmd, stop_processes_naming
 
     why = _private_mounts_work(tmp_path)
     if why:
@@ -339,27 +339,15 @@ def test_pipeline_on_a_cluster_whose_nodes_share_no_disk(s3, tmp_path):
     env.pop("RAY_ADDRESS", None)
     before = frozenset(p.pid for p in psutil.process_iter())
 
-    def node(temp: str, cpus: int, ip: str, *args: str) -> list[str]:
-        ports = free_ports(7)
-        return ["ray", "start", "--num-cpus", str(cpus), "--node-ip-address", ip,
-                "--temp-dir", temp, "--object-store-memory", str(200 * 2**20),
-                "--disable-usage-stats", "--node-manager-port", str(ports[0]),
-                "--object-manager-port", str(ports[1]), "--metrics-export-port",
-                str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
-                "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port",
-                str(ports[5]), *args]
-
-    gcs, dash, client = free_ports(3)
     try:
-        out = subprocess.run(node(head_tmp, 0, "127.0.0.1", "--head", "--port", str(gcs),
-                                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                                  "--ray-client-server-port", str(client)),
-                             env=env, capture_output=True, text=True, timeout=120)
+        cmd, ports = ray_start_cmd(head_tmp, 0, head=True, ip="127.0.0.1")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        address = f"127.0.0.1:{gcs}"
+        address = f"127.0.0.1:{ports['gcs']}"
+        cmd, _ = ray_start_cmd(node_tmp, 2, head=False, ip="127.0.0.2")
         private = (f"mount -t tmpfs rw-node-disk {mirror} && "
                    f"mount -t tmpfs rw-node-tmp {node_tmp} && exec "
-                   + " ".join(node(node_tmp, 2, "127.0.0.2", "--address", address)))
+                   + " ".join([*cmd, "--address", address]))
         out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                               private], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
